@@ -1,0 +1,235 @@
+//! Matrix Market coordinate files (`matrix.mtx[.gz]`), as Cell Ranger writes them:
+//! genes × cells, `integer` or `real` values.
+//!
+//! Written here rather than taken from a crate: the readers we looked at panic on an
+//! index out of range and report errors without line numbers, and a user loading a
+//! corrupt 2-million-line file needs both the line and the numbers.
+
+use crate::data::check_count;
+use crate::error::{Error, Result};
+use std::io::BufRead;
+
+/// A sparse matrix read from a Matrix Market file, as triplets (0-based).
+#[derive(Debug, Default)]
+pub struct Triplets {
+    pub rows: usize,
+    pub cols: usize,
+    pub row: Vec<u32>,
+    pub col: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+fn parse_usize(tok: Option<&str>, line_no: usize, what: &str) -> Result<usize> {
+    let t = tok.ok_or_else(|| Error::format(format!("line {line_no}: missing {what}")))?;
+    t.parse::<usize>()
+        .map_err(|_| Error::format(format!("line {line_no}: {what} \"{t}\" is not a non-negative integer")))
+}
+
+/// Read a Matrix Market coordinate matrix from `reader`. Zero entries are dropped;
+/// values must be finite and non-negative.
+pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
+    let mut line = String::with_capacity(128);
+    let mut line_no = 0usize;
+    let mut next_line = |line: &mut String, line_no: &mut usize| -> Result<bool> {
+        line.clear();
+        *line_no += 1;
+        match reader.read_line(line) {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::format(format!("file is truncated or its compression is corrupt near line {line_no}")))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::InvalidInput => {
+                Err(Error::format(format!("file is corrupt near line {line_no}: {e}")))
+            }
+            Err(e) => Err(Error::new(crate::Kind::Io, format!("read error near line {line_no}: {e}"))),
+        }
+    };
+
+    if !next_line(&mut line, &mut line_no)? {
+        return Err(Error::format("file is empty"));
+    }
+    let header = line.trim().to_ascii_lowercase();
+    let h: Vec<&str> = header.split_whitespace().collect();
+    if h.len() < 5 || h[0] != "%%matrixmarket" || h[1] != "matrix" {
+        return Err(Error::format(format!(
+            "not a Matrix Market file: first line is \"{}\"",
+            line.trim().chars().take(80).collect::<String>()
+        )));
+    }
+    if h[2] != "coordinate" {
+        return Err(Error::format(format!("Matrix Market format \"{}\" is not supported (expected coordinate)", h[2])));
+    }
+    let pattern = match h[3] {
+        "integer" | "real" => false,
+        "pattern" => true,
+        other => return Err(Error::format(format!("Matrix Market field \"{other}\" is not supported (expected integer or real)"))),
+    };
+    if h[4] != "general" {
+        return Err(Error::format(format!("Matrix Market symmetry \"{}\" is not supported (expected general)", h[4])));
+    }
+
+    // Skip comments, read the size line.
+    loop {
+        if !next_line(&mut line, &mut line_no)? {
+            return Err(Error::format("file ends before its size line"));
+        }
+        let t = line.trim();
+        if !(t.is_empty() || t.starts_with('%')) {
+            break;
+        }
+    }
+    let mut it = line.split_whitespace();
+    let rows = parse_usize(it.next(), line_no, "row count")?;
+    let cols = parse_usize(it.next(), line_no, "column count")?;
+    let entries = parse_usize(it.next(), line_no, "entry count")?;
+    if rows > u32::MAX as usize || cols > u32::MAX as usize {
+        return Err(Error::new(crate::Kind::Limit, format!("matrix of {rows} × {cols} is too large")));
+    }
+    if rows.checked_mul(cols).map(|n| n < entries).unwrap_or(false) {
+        return Err(Error::format(format!("{entries} entries declared for a {rows} × {cols} matrix")));
+    }
+
+    let cap = entries.min(1 << 28);
+    let mut t = Triplets {
+        rows,
+        cols,
+        row: Vec::with_capacity(cap),
+        col: Vec::with_capacity(cap),
+        val: Vec::with_capacity(cap),
+    };
+    let mut read = 0usize;
+    while read < entries {
+        if !next_line(&mut line, &mut line_no)? {
+            return Err(Error::format(format!(
+                "file is truncated: {read} of {entries} declared entries read"
+            )));
+        }
+        let s = line.trim();
+        if s.is_empty() {
+            continue;
+        }
+        let mut it = s.split_ascii_whitespace();
+        let r = parse_usize(it.next(), line_no, "row index")?;
+        let c = parse_usize(it.next(), line_no, "column index")?;
+        if r == 0 || r > rows {
+            return Err(Error::format(format!("line {line_no}: row index {r} out of range 1..{rows}")));
+        }
+        if c == 0 || c > cols {
+            return Err(Error::format(format!("line {line_no}: column index {c} out of range 1..{cols}")));
+        }
+        let v: f64 = if pattern {
+            1.0
+        } else {
+            let tok = it
+                .next()
+                .ok_or_else(|| Error::format(format!("line {line_no}: missing value")))?;
+            tok.parse::<f64>()
+                .map_err(|_| Error::format(format!("line {line_no}: value \"{tok}\" is not a number")))?
+        };
+        check_count(v, || format!("line {line_no} (row {r}, column {c})"))?;
+        read += 1;
+        if v != 0.0 {
+            t.row.push((r - 1) as u32);
+            t.col.push((c - 1) as u32);
+            t.val.push(v as f32);
+        }
+    }
+    // Anything after the declared entries other than blank lines means the header lied.
+    while next_line(&mut line, &mut line_no)? {
+        if !line.trim().is_empty() {
+            return Err(Error::format(format!(
+                "line {line_no}: more entries than the {entries} declared"
+            )));
+        }
+    }
+    Ok(t)
+}
+
+/// Group triplets of a genes × cells matrix by cell into CSR (cells × genes), entries
+/// sorted by gene. A gene listed twice for one cell is an error.
+pub fn cells_by_genes(t: &Triplets) -> Result<(Vec<usize>, Vec<u32>, Vec<f32>)> {
+    let n_cells = t.cols;
+    let mut ptr = vec![0usize; n_cells + 1];
+    for &c in &t.col {
+        ptr[c as usize + 1] += 1;
+    }
+    for i in 0..n_cells {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut next = ptr.clone();
+    let nnz = t.val.len();
+    let mut idx = vec![0u32; nnz];
+    let mut val = vec![0f32; nnz];
+    for k in 0..nnz {
+        let c = t.col[k] as usize;
+        idx[next[c]] = t.row[k];
+        val[next[c]] = t.val[k];
+        next[c] += 1;
+    }
+    let mut order: Vec<usize> = Vec::new();
+    for c in 0..n_cells {
+        let (lo, hi) = (ptr[c], ptr[c + 1]);
+        let sorted = idx[lo..hi].windows(2).all(|w| w[0] < w[1]);
+        if !sorted {
+            order.clear();
+            order.extend(0..hi - lo);
+            order.sort_by_key(|&i| idx[lo + i]);
+            let gi: Vec<u32> = order.iter().map(|&i| idx[lo + i]).collect();
+            let gv: Vec<f32> = order.iter().map(|&i| val[lo + i]).collect();
+            idx[lo..hi].copy_from_slice(&gi);
+            val[lo..hi].copy_from_slice(&gv);
+            if let Some(w) = idx[lo..hi].windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::format(format!(
+                    "entry (row {}, column {}) appears more than once",
+                    w[0] + 1,
+                    c + 1
+                )));
+            }
+        }
+    }
+    Ok((ptr, idx, val))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Triplets> {
+        read(std::io::Cursor::new(s.as_bytes()))
+    }
+
+    const GOOD: &str = "%%MatrixMarket matrix coordinate integer general\n%comment\n3 2 4\n1 1 5\n3 1 1\n2 2 2\n1 2 0\n";
+
+    #[test]
+    fn reads_and_groups() {
+        let t = parse(GOOD).unwrap();
+        assert_eq!((t.rows, t.cols, t.val.len()), (3, 2, 3));
+        let (p, i, v) = cells_by_genes(&t).unwrap();
+        assert_eq!(p, vec![0, 2, 3]);
+        assert_eq!(i, vec![0, 2, 1]);
+        assert_eq!(v, vec![5.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn bad_files_are_errors_with_numbers() {
+        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 4\n1 1 5\n").unwrap_err();
+        assert!(e.message.contains("truncated: 1 of 4"), "{e}");
+        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n4 1 5\n").unwrap_err();
+        assert!(e.message.contains("row index 4 out of range 1..3"), "{e}");
+        let e = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 -2\n").unwrap_err();
+        assert!(e.message.contains("negative count -2"), "{e}");
+        assert_eq!(e.kind, crate::Kind::Data);
+        let e = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 nan\n").unwrap_err();
+        assert!(e.message.contains("not finite"), "{e}");
+        let e = parse("hello\n").unwrap_err();
+        assert!(e.message.contains("not a Matrix Market file"), "{e}");
+        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n1 1 5\n2 2 1\n").unwrap_err();
+        assert!(e.message.contains("more entries"), "{e}");
+        let t = parse("%%MatrixMarket matrix coordinate integer general\n3 2 2\n1 1 5\n1 1 1\n").unwrap();
+        assert!(cells_by_genes(&t).unwrap_err().message.contains("more than once"));
+        // non-integer counts are valid (ambient-corrected data)
+        let t = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 0.25\n").unwrap();
+        assert_eq!(t.val, vec![0.25]);
+    }
+}
