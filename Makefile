@@ -1,0 +1,74 @@
+# exceiver: the front door. `make demo` and `make test` each do the whole set-up first.
+#
+#   make install   set-up, release build, install into the system PostgreSQL 15
+#   make db        a local PostgreSQL 15 cluster (OS user postgres), extension created
+#   make db-stop   stop it
+#   make psql      a psql session in it
+#   make demo      the end-to-end demo on the real data in data/
+#   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
+#   make bench     the embedding benchmark (see README)
+
+PG_CONFIG ?= /usr/bin/pg_config
+PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)
+PGXS_DIR  := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null) 2>/dev/null)
+PGPORT    ?= 5488
+PGHOST    ?= /tmp
+PGUSER    := postgres
+DB        ?= exceiver
+PGDATA    := $(CURDIR)/.pgdata
+TESTDATA  := $(CURDIR)/.pgtest
+RUNAS     := sudo -u $(PGUSER)
+PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
+REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
+
+.PHONY: setup install db db-stop psql demo test test-core test-pg test-regress bench fmt
+
+setup:
+	bash scripts/setup.sh
+
+install: setup
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+db: install
+	@if [ ! -f $(PGDATA)/PG_VERSION ]; then \
+	  mkdir -p $(PGDATA) && chown $(PGUSER): $(PGDATA) && chmod 700 $(PGDATA) && \
+	  $(RUNAS) $(PGBIN)/initdb -D $(PGDATA) -U $(PGUSER) --auth=trust -E UTF8 --no-locale >/dev/null; fi
+	@if ! $(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) status >/dev/null 2>&1; then \
+	  $(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -l $(PGDATA)/server.log -w \
+	    -o "-p $(PGPORT) -k $(PGHOST) -c listen_addresses=''" start >/dev/null; fi
+	@$(PSQL) -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$(DB)'" | grep -q 1 || \
+	  $(PSQL) -d postgres -qc "CREATE DATABASE $(DB)"
+	@$(PSQL) -d $(DB) -qc "CREATE EXTENSION IF NOT EXISTS exceiver CASCADE"
+	@echo "database '$(DB)' ready: psql -h $(PGHOST) -p $(PGPORT) -U $(PGUSER) $(DB)  (or: make psql)"
+
+db-stop:
+	@$(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -m fast stop 2>/dev/null || true
+
+psql:
+	$(PSQL) -d $(DB)
+
+demo: db
+	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -f scripts/demo.sql
+
+test-core:
+	cargo test -p exceiver-core --release
+
+test-pg:
+	mkdir -p $(TESTDATA) && chown $(PGUSER): $(TESTDATA)
+	cargo pgrx test pg15 --runas $(PGUSER) --pgdata $(TESTDATA)/data
+
+test-regress: db
+	mkdir -p /tmp/exceiver_regress_10x && chown $(PGUSER): /tmp/exceiver_regress_10x
+	rm -f /tmp/exceiver_regress_bad.h5ad
+	EXCEIVER_DATA=$(CURDIR)/data $(PGXS_DIR)/../test/regress/pg_regress --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
+	  --bindir=$(PGBIN) --host=$(PGHOST) --port=$(PGPORT) --user=$(PGUSER) \
+	  --dbname=exceiver_regress --load-extension=vector --load-extension=exceiver $(REGRESS)
+
+test: setup
+	$(MAKE) test-core
+	$(MAKE) test-pg
+	$(MAKE) test-regress
+	@echo "make test: all layers passed"
+
+fmt:
+	cargo fmt --all

@@ -1,0 +1,3 @@
+//! The SQL-facing functions, one module per concern.
+
+pub mod load;
