@@ -51,7 +51,7 @@ demo: db
 	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -f scripts/demo.sql
 
 test-core:
-	cargo test -p exceiver-core --release
+	cargo test -p exceiver-core
 
 test-pg:
 	mkdir -p $(TESTDATA) && chown $(PGUSER): $(TESTDATA)
@@ -59,8 +59,8 @@ test-pg:
 
 test-regress: db
 	mkdir -p /tmp/exceiver_regress_10x && chown $(PGUSER): /tmp/exceiver_regress_10x
-	rm -f /tmp/exceiver_regress_bad.h5ad
-	EXCEIVER_DATA=$(CURDIR)/data $(PGXS_DIR)/../test/regress/pg_regress --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
+	rm -f /tmp/exceiver_regress_bad.*
+	EXCEIVER_DATA=$(CURDIR)/data EXCEIVER_ROOT=$(CURDIR) $(PGXS_DIR)/../test/regress/pg_regress --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
 	  --bindir=$(PGBIN) --host=$(PGHOST) --port=$(PGPORT) --user=$(PGUSER) \
 	  --dbname=exceiver_regress --load-extension=vector --load-extension=exceiver $(REGRESS)
 
@@ -69,6 +69,9 @@ test: setup
 	$(MAKE) test-pg
 	$(MAKE) test-regress
 	@echo "make test: all layers passed"
+
+bench: db
+	EXCEIVER_ROOT=$(CURDIR) $(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -f scripts/bench_embed.sql
 
 fmt:
 	cargo fmt --all

@@ -61,4 +61,151 @@ mod tests {
     fn load_missing_file_fails() {
         Spi::run("SELECT * FROM exceiver.load_h5ad('/nonexistent/x.h5ad', 't')").unwrap();
     }
+    fn gene_names(n: usize) -> String {
+        format!(
+            "ARRAY(SELECT 'G' || i FROM generate_series(0, {}) i)",
+            n - 1
+        )
+    }
+
+    fn import_published() {
+        let inp = crate::pg_tests::fixtures::read("inputs.safetensors");
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:e}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        Spi::run(&format!(
+            "SELECT * FROM exceiver.import_checkpoint('ts', '{}', {}, '{{{}}}'::real[], '{{{}}}'::real[])",
+            repo("fixtures/checkpoints/pretrained_TS_exceiver.ckpt"),
+            gene_names(19067),
+            f(&inp["scaler_mean_f32"].f),
+            f(&inp["scaler_scale_f32"].f),
+        ))
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn import_and_embed_matches_reference() {
+        import_published();
+        let row = Spi::get_two::<String, i64>(
+            "SELECT kind, n_genes FROM exceiver.models WHERE name = 'ts'",
+        )
+        .unwrap();
+        assert_eq!(row, (Some("exceiver".to_string()), Some(19067)));
+        let inp = crate::pg_tests::fixtures::read("inputs.safetensors");
+        let out = crate::pg_tests::fixtures::read("exceiver_outputs.safetensors");
+        let ptr = &inp["cell_indptr"].f;
+        let ids = &inp["cell_gene_ids"].f;
+        let counts = &inp["cell_counts"].f;
+        let want = &out["embedding"];
+        assert_eq!(want.shape, vec![16, 512]);
+        for c in 0..16 {
+            let (lo, hi) = (ptr[c] as usize, ptr[c + 1] as usize);
+            let genes: Vec<String> = ids[lo..hi]
+                .iter()
+                .map(|&g| format!("'G{}'", g as usize))
+                .collect();
+            let cnt: Vec<String> = counts[lo..hi].iter().map(|x| format!("{x}")).collect();
+            // raw counts in, through preprocessing and the model, as pgvector's vector
+            let got = Spi::get_one::<String>(&format!(
+                "SELECT exceiver.embed('ts', ARRAY[{}], ARRAY[{}]::real[])::text",
+                genes.join(","),
+                cnt.join(",")
+            ))
+            .unwrap()
+            .unwrap();
+            let got: Vec<f64> = got
+                .trim_matches(|ch| ch == '[' || ch == ']')
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            let e = crate::pg_tests::fixtures::rel_err(&got, &want.f[c * 512..(c + 1) * 512]);
+            assert!(e <= 1e-5, "cell {c}: normwise relative error {e}");
+        }
+        // the column type is pgvector's vector(512)
+        let dims = Spi::get_one::<i32>(&format!(
+            "SELECT vector_dims(exceiver.embed('ts', ARRAY['G{}'], ARRAY[3]::real[]))",
+            ids[0] as usize
+        ))
+        .unwrap();
+        assert_eq!(dims, Some(512));
+    }
+
+    #[pg_test(error = "genes has 2 elements but counts has 1")]
+    fn embed_length_mismatch() {
+        import_published();
+        Spi::run("SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1]::real[])").unwrap();
+    }
+
+    #[pg_test(error = "model \"nope\" does not exist")]
+    fn embed_unknown_model() {
+        Spi::run("SELECT exceiver.embed('nope', ARRAY['G1'], ARRAY[1]::real[])").unwrap();
+    }
+
+    #[pg_test(error = "genes has 3 symbols but the checkpoint's vocabulary has 19067 genes")]
+    fn import_wrong_gene_count() {
+        Spi::run(&format!(
+            "SELECT * FROM exceiver.import_checkpoint('x', '{}', ARRAY['a','b','c'])",
+            repo("fixtures/checkpoints/pretrained_TS_exceiver.ckpt")
+        ))
+        .unwrap();
+    }
+}
+
+/// Fixture tensors for the model tests, read with the safetensors crate.
+#[cfg(any(test, feature = "pg_test"))]
+pub mod fixtures {
+    use std::collections::HashMap;
+
+    pub struct T {
+        pub shape: Vec<usize>,
+        pub f: Vec<f64>,
+    }
+
+    pub fn read(file: &str) -> HashMap<String, T> {
+        let path = format!("{}/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut out = HashMap::new();
+        for (name, v) in st.tensors() {
+            let d = v.data();
+            let f: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::U8 => d.iter().map(|&b| b as f64).collect(),
+                _ => continue,
+            };
+            out.insert(
+                name,
+                T {
+                    shape: v.shape().to_vec(),
+                    f,
+                },
+            );
+        }
+        out
+    }
+
+    pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+        num / den
+    }
 }

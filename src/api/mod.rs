@@ -1,3 +1,5 @@
 //! The SQL-facing functions, one module per concern.
 
+pub mod infer;
 pub mod load;
+pub mod model;

@@ -1,0 +1,153 @@
+//! Inference beyond the cell embedding: gene embeddings, expression prediction
+//! (imputation), and classification with classifier models.
+
+use crate::api::model::{cell_input, get_model};
+use crate::errors::{raise, OrRaise};
+use exceiver_core::{Error, Kind};
+use pgrx::prelude::*;
+
+/// Gene embeddings (rows of the gene embedding matrix) as real[]; the SQL function
+/// `exceiver.gene_embeddings` returns them as pgvector `vector`s.
+#[pg_extern(stable, parallel_safe, strict)]
+fn gene_embedding_arrays(
+    model: &str,
+) -> TableIterator<'static, (name!(gene, String), name!(embedding, Vec<f32>))> {
+    let m = get_model(model);
+    let d = m.model.config().seq_dim;
+    let e = &m.model.params().gene_emb;
+    let mut rows: Vec<(String, Vec<f32>)> = m
+        .vocab
+        .iter()
+        .map(|(g, &i)| (g.clone(), e[i as usize * d..(i as usize + 1) * d].to_vec()))
+        .collect();
+    rows.sort_by_cached_key(|r| m.vocab[&r.0]);
+    TableIterator::new(rows)
+}
+
+fn target_indices(m: &crate::api::model::Loaded, targets: &Array<&str>) -> Vec<u32> {
+    let mut out = Vec::with_capacity(targets.len());
+    for (p, t) in targets.iter().enumerate() {
+        let Some(t) = t else {
+            raise(Error::invalid(format!("targets[{}] is NULL", p + 1)));
+        };
+        match m.vocab.get(t) {
+            Some(&i) => out.push(i),
+            None => raise(
+                Error::new(
+                    Kind::UndefinedObject,
+                    format!("target gene \"{t}\" is not in the model's vocabulary"),
+                )
+                .with_hint(
+                    "SELECT gene FROM exceiver.gene_embeddings('<model>') lists the model's genes.",
+                ),
+            ),
+        }
+    }
+    out
+}
+
+/// Predicted expression of the `targets` genes given the cell's context (the decoder
+/// and value head). `scale => 'model'` (default) gives the model's value scale
+/// (z-scored log1p of library-size normalised counts, clipped at 10, plus 1);
+/// `scale => 'log1p'` maps back through the model's scaler to log1p(counts / library
+/// size * 1e4).
+#[pg_extern(stable, parallel_safe, strict)]
+fn predict_expression(
+    model: &str,
+    genes: Array<&str>,
+    counts: Array<f32>,
+    targets: Array<&str>,
+    scale: default!(&str, "'model'"),
+) -> Vec<f32> {
+    let m = get_model(model);
+    let q = target_indices(&m, &targets);
+    if !matches!(scale, "model" | "log1p") {
+        raise(Error::invalid(format!(
+            "scale must be 'model' or 'log1p', not '{scale}'"
+        )));
+    }
+    let cell = cell_input(&m, &genes, &counts);
+    let mut pred = m.model.predict(&cell.genes, &cell.values, &q).or_raise();
+    if scale == "log1p" {
+        for (v, &g) in pred.iter_mut().zip(&q) {
+            let g = g as usize;
+            *v = (*v - 1.0) * m.scaler.scale[g] + m.scaler.mean[g];
+        }
+    }
+    pred
+}
+
+fn class_probabilities(
+    m: &crate::api::model::Loaded,
+    genes: &Array<&str>,
+    counts: &Array<f32>,
+) -> Vec<(String, f32)> {
+    if m.model.config().num_classes.is_none() {
+        raise(
+            Error::invalid("model is not a classifier")
+                .with_hint("Use exceiver.finetune() to train a classifier from a model."),
+        );
+    }
+    let cell = cell_input(m, genes, counts);
+    let logits = m
+        .model
+        .classify_logits(&cell.genes, &cell.values)
+        .or_raise();
+    let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let ex: Vec<f64> = logits.iter().map(|&l| ((l - mx) as f64).exp()).collect();
+    let z: f64 = ex.iter().sum();
+    ex.iter()
+        .enumerate()
+        .map(|(i, &e)| {
+            let label = m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(i).cloned())
+                .unwrap_or_else(|| format!("class_{i}"));
+            (label, (e / z) as f32)
+        })
+        .collect()
+}
+
+/// The most probable label of a cell under a classifier model.
+#[pg_extern(stable, parallel_safe, strict)]
+fn classify(model: &str, genes: Array<&str>, counts: Array<f32>) -> String {
+    let m = get_model(model);
+    let p = class_probabilities(&m, &genes, &counts);
+    p.into_iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|x| x.0)
+        .unwrap_or_default()
+}
+
+/// Every label with its probability (softmax of the class logits), most probable first.
+#[pg_extern(stable, parallel_safe, strict)]
+fn classify_proba(
+    model: &str,
+    genes: Array<&str>,
+    counts: Array<f32>,
+) -> TableIterator<'static, (name!(label, String), name!(probability, f32))> {
+    let m = get_model(model);
+    let mut p = class_probabilities(&m, &genes, &counts);
+    p.sort_by(|a, b| b.1.total_cmp(&a.1));
+    TableIterator::new(p)
+}
+
+extension_sql!(
+    r#"
+DO $do$
+DECLARE s text := (SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                   WHERE t.typname = 'vector' AND t.typtype = 'b' ORDER BY n.oid LIMIT 1);
+BEGIN
+  EXECUTE format($f$
+    CREATE FUNCTION exceiver.gene_embeddings(model text) RETURNS TABLE(gene text, embedding %1$I.vector)
+    LANGUAGE sql STABLE PARALLEL SAFE STRICT ROWS 20000
+    AS 'SELECT gene, embedding::%1$I.vector FROM exceiver.gene_embedding_arrays(model)'$f$, s);
+  EXECUTE 'COMMENT ON FUNCTION exceiver.gene_embeddings(text) IS '
+          '''one row per vocabulary gene: its embedding (a row of the gene embedding matrix)''';
+END
+$do$;
+"#,
+    name = "gene_embeddings_vector",
+    requires = [gene_embedding_arrays]
+);

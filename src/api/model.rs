@@ -1,0 +1,453 @@
+//! The model catalog (`exceiver.models`), checkpoint import, and cell embedding.
+//!
+//! Models live in the extension table `exceiver.model_catalog` (config, gene vocabulary,
+//! scaler, weights as safetensors bytes, labels, lineage), which `pg_dump` includes.
+//! Each backend loads a model once and caches it; the cache entry is replaced when the
+//! stored model's `version` changes (a model dropped and imported again under the same
+//! name gets a new version).
+
+use crate::api::load::check_file_access;
+use crate::errors::{raise, raise_code, OrRaise};
+use exceiver_core::model::forward::Exceiver;
+use exceiver_core::model::weights;
+use exceiver_core::model::Config;
+use exceiver_core::preprocess::{normalize_cell_into, Scaler};
+use exceiver_core::Error;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+
+extension_sql!(
+    r#"
+CREATE SEQUENCE model_version_seq;
+CREATE TABLE model_catalog (
+    name        text PRIMARY KEY,
+    kind        text NOT NULL CHECK (kind IN ('exceiver', 'classifier')),
+    version     bigint NOT NULL DEFAULT nextval('model_version_seq'),
+    config      jsonb NOT NULL,
+    genes       text[] NOT NULL,
+    scaler_mean real[],
+    scaler_std  real[],
+    labels      text[],
+    weights     bytea NOT NULL,
+    parent      text,
+    source      text,
+    metrics     jsonb NOT NULL DEFAULT '{}',
+    history     jsonb NOT NULL DEFAULT '[]',
+    created     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE model_catalog IS 'exceiver models: config, gene vocabulary, scaler, safetensors weights, lineage';
+SELECT pg_catalog.pg_extension_config_dump('model_catalog', '');
+SELECT pg_catalog.pg_extension_config_dump('model_version_seq', '');
+CREATE VIEW models AS
+SELECT name, kind, config, cardinality(genes) AS n_genes,
+       (config->>'query_len')::int * (config->>'query_dim')::int AS embedding_dim,
+       scaler_mean IS NOT NULL AS has_scaler, labels, parent, source, metrics,
+       octet_length(weights) AS weight_bytes, created
+FROM model_catalog;
+COMMENT ON VIEW models IS 'exceiver models, one row each (weights left out)';
+"#,
+    name = "catalog",
+    bootstrap
+);
+
+/// One model as this backend holds it.
+pub(crate) struct Loaded {
+    pub version: i64,
+    pub model: Exceiver,
+    pub vocab: HashMap<String, u32>,
+    pub scaler: Scaler,
+    pub labels: Option<Vec<String>>,
+}
+
+thread_local! {
+    static CACHE: RefCell<HashMap<String, Rc<Loaded>>> = RefCell::new(HashMap::new());
+}
+
+fn undefined_model(name: &str) -> ! {
+    raise(
+        Error::new(
+            exceiver_core::Kind::UndefinedObject,
+            format!("model \"{name}\" does not exist"),
+        )
+        .with_hint("SELECT name FROM exceiver.models lists the models."),
+    )
+}
+
+/// The model `name`, from the backend cache when its stored version is unchanged.
+pub(crate) fn get_model(name: &str) -> Rc<Loaded> {
+    // Read-only SPI: this runs in parallel workers too, where a read-write SPI call
+    // (pgrx's get_one helpers) is refused.
+    let version: Option<i64> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT (SELECT version FROM exceiver.model_catalog WHERE name = $1)",
+                Some(1),
+                &[name.into()],
+            )?
+            .first()
+            .get(1)
+    })
+    .or_raise();
+    let version = version.unwrap_or_else(|| undefined_model(name));
+    if let Some(m) = CACHE.with(|c| {
+        c.borrow()
+            .get(name)
+            .filter(|m| m.version == version)
+            .cloned()
+    }) {
+        return m;
+    }
+    let loaded = Rc::new(load_model(name, version));
+    CACHE.with(|c| c.borrow_mut().insert(name.to_string(), loaded.clone()));
+    loaded
+}
+
+fn load_model(name: &str, version: i64) -> Loaded {
+    type Row = (
+        Option<String>,
+        Option<Vec<String>>,
+        Option<Vec<f32>>,
+        Option<Vec<f32>>,
+        Option<Vec<String>>,
+        Option<Vec<u8>>,
+    );
+    let row: Row = Spi::connect(|client| {
+        let t = client
+            .select(
+                "SELECT config::text, genes, scaler_mean, scaler_std, labels, weights \
+                 FROM exceiver.model_catalog WHERE name = $1 AND version = $2",
+                Some(1),
+                &[name.into(), version.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>((
+            t.get(1)?,
+            t.get(2)?,
+            t.get(3)?,
+            t.get(4)?,
+            t.get(5)?,
+            t.get(6)?,
+        ))
+    })
+    .or_raise();
+    let (Some(config), Some(genes), mean, std, labels, Some(bytes)) = row else {
+        undefined_model(name)
+    };
+    let cfg: Config = serde_json::from_str(&config)
+        .map_err(|e| Error::internal(format!("stored config of model \"{name}\" is invalid: {e}")))
+        .or_raise();
+    let params = weights::load_safetensors_with(&bytes, &cfg).or_raise();
+    let scaler = match (mean, std) {
+        (Some(m), Some(s)) => Scaler::new(m, s).or_raise(),
+        _ => Scaler::identity(cfg.seq_len),
+    };
+    let model = Exceiver::new(cfg, params, scaler.zero_fill()).or_raise();
+    model.warm_up();
+    let vocab = genes
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| (g, i as u32))
+        .collect();
+    Loaded {
+        version,
+        model,
+        vocab,
+        scaler,
+        labels,
+    }
+}
+
+/// A cell as the model sees it: vocabulary indices and model input values of its
+/// expressed, known genes. Validates the arrays; counts unknown genes.
+pub(crate) struct CellInput {
+    pub genes: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+pub(crate) fn cell_input(m: &Loaded, genes: &Array<&str>, counts: &Array<f32>) -> CellInput {
+    let (ng, nc) = (genes.len(), counts.len());
+    if ng != nc {
+        raise(
+            Error::shape(format!("genes has {ng} elements but counts has {nc}"))
+                .with_hint("genes and counts must be parallel arrays of the same length."),
+        );
+    }
+    let mut idx = Vec::with_capacity(ng);
+    let mut cnt = Vec::with_capacity(ng);
+    let mut total = 0.0f64;
+    let mut unknown = 0usize;
+    for (p, (g, c)) in genes.iter().zip(counts.iter()).enumerate() {
+        let Some(g) = g else {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("genes[{}] is NULL", p + 1),
+                None,
+            )
+        };
+        let Some(c) = c else {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("counts[{}] is NULL", p + 1),
+                None,
+            )
+        };
+        if !c.is_finite() || c < 0.0 {
+            raise(Error::data(format!(
+                "counts[{}] = {c} for gene \"{g}\": counts must be finite and non-negative",
+                p + 1
+            )));
+        }
+        total += c as f64;
+        match m.vocab.get(g) {
+            Some(&i) => {
+                idx.push(i);
+                cnt.push(c);
+            }
+            None => unknown += 1,
+        }
+    }
+    // Genes must be unique within a cell.
+    let mut sorted = idx.clone();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        let name = m
+            .vocab
+            .iter()
+            .find(|(_, &v)| v == w[0])
+            .map(|(k, _)| k.as_str())
+            .unwrap_or("?");
+        raise(Error::data(format!(
+            "gene \"{name}\" appears more than once in the cell"
+        )));
+    }
+    if idx.is_empty() || total <= 0.0 {
+        raise(
+            Error::invalid(format!(
+                "the cell has no counts on the model's {} genes ({ng} genes given, {unknown} not in the vocabulary)",
+                m.vocab.len()
+            ))
+            .with_hint("Check that gene symbols match the model's vocabulary: SELECT genes FROM exceiver.model_catalog."),
+        );
+    }
+    let mut out_g = Vec::new();
+    let mut out_v = Vec::new();
+    normalize_cell_into(&idx, &cnt, Some(total), &m.scaler, &mut out_g, &mut out_v).or_raise();
+    if out_g.is_empty() {
+        raise(Error::invalid(
+            "the cell has no non-zero counts on the model's genes",
+        ));
+    }
+    if unknown * 2 > ng {
+        notice!(
+            "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored"
+        );
+    }
+    CellInput {
+        genes: out_g,
+        values: out_v,
+    }
+}
+
+/// The cell embedding as a real[] (the SQL function `exceiver.embed` returns it as a
+/// pgvector `vector`).
+#[pg_extern(stable, parallel_safe, strict)]
+fn embed_array(model: &str, genes: Array<&str>, counts: Array<f32>) -> Vec<f32> {
+    let m = get_model(model);
+    let cell = cell_input(&m, &genes, &counts);
+    m.model.embed(&cell.genes, &cell.values).or_raise()
+}
+
+extension_sql!(
+    r#"
+DO $do$
+DECLARE s text := (SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                   WHERE t.typname = 'vector' AND t.typtype = 'b' ORDER BY n.oid LIMIT 1);
+BEGIN
+  EXECUTE format($f$
+    CREATE FUNCTION exceiver.embed(model text, genes text[], counts real[]) RETURNS %1$I.vector
+    LANGUAGE sql STABLE PARALLEL SAFE STRICT
+    AS 'SELECT exceiver.embed_array(model, genes, counts)::%1$I.vector'$f$, s);
+  EXECUTE 'COMMENT ON FUNCTION exceiver.embed(text, text[], real[]) IS '
+          '''the cell embedding (processed latent, flattened) as a pgvector vector''';
+END
+$do$;
+"#,
+    name = "embed_vector",
+    requires = [embed_array]
+);
+
+fn text_array(a: &Array<&str>, what: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(a.len());
+    for (i, g) in a.iter().enumerate() {
+        match g {
+            Some(g) => out.push(g.to_string()),
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{what}[{}] is NULL", i + 1),
+                None,
+            ),
+        }
+    }
+    out
+}
+
+fn real_array(a: Option<Array<f32>>, what: &str, n: usize) -> Option<Vec<f32>> {
+    let a = a?;
+    if a.len() != n {
+        raise(Error::shape(format!(
+            "{what} has {} values but the model has {n} genes",
+            a.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for (i, v) in a.iter().enumerate() {
+        match v {
+            Some(v) if v.is_finite() => out.push(v),
+            Some(v) => raise(Error::data(format!(
+                "{what}[{}] = {v} is not finite",
+                i + 1
+            ))),
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{what}[{}] is NULL", i + 1),
+                None,
+            ),
+        }
+    }
+    Some(out)
+}
+
+pub(crate) fn check_new_model_name(name: &str) {
+    if name.trim().is_empty() {
+        raise(Error::invalid("model name must not be empty"));
+    }
+    let exists = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM exceiver.model_catalog WHERE name = $1)",
+        &[name.into()],
+    )
+    .or_raise()
+    .unwrap_or(false);
+    if exists {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("model \"{name}\" already exists"),
+            Some("Choose another name, or remove it first with exceiver.drop_model()."),
+        );
+    }
+}
+
+/// Import a published Exceiver checkpoint (PyTorch Lightning `.ckpt`, or `.safetensors`)
+/// as model `name`. The published files do not say which gene each embedding row is,
+/// so `genes` (one symbol per row, in row order) is required. Without scaler arrays
+/// the per-gene z-score is the identity.
+#[pg_extern(volatile, parallel_unsafe)]
+fn import_checkpoint(
+    name: &str,
+    path: &str,
+    genes: Array<&str>,
+    scaler_mean: default!(Option<Array<f32>>, "NULL"),
+    scaler_std: default!(Option<Array<f32>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(kind, String),
+        name!(n_genes, i64),
+        name!(num_layers, i64),
+        name!(embedding_dim, i64),
+    ),
+> {
+    check_file_access();
+    check_new_model_name(name);
+    let p = Path::new(path);
+    let (cfg, params) = if p.extension().is_some_and(|e| e == "safetensors") {
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e)).or_raise();
+        weights::load_safetensors(&bytes)
+            .map_err(|e| e.context(format!("\"{path}\"")))
+            .or_raise()
+    } else {
+        weights::load_checkpoint(p).or_raise()
+    };
+    let genes = text_array(&genes, "genes");
+    if genes.len() != cfg.seq_len {
+        raise(
+            Error::shape(format!(
+                "genes has {} symbols but the checkpoint's vocabulary has {} genes",
+                genes.len(),
+                cfg.seq_len
+            ))
+            .with_hint("Pass one gene symbol per embedding row, in row order."),
+        );
+    }
+    let mut seen = std::collections::HashSet::with_capacity(genes.len());
+    for g in &genes {
+        if !seen.insert(g.as_str()) {
+            raise(Error::invalid(format!(
+                "gene \"{g}\" appears more than once in genes"
+            )));
+        }
+    }
+    let mean = real_array(scaler_mean, "scaler_mean", cfg.seq_len);
+    let std = real_array(scaler_std, "scaler_std", cfg.seq_len);
+    if mean.is_some() != std.is_some() {
+        raise(Error::invalid(
+            "give both scaler_mean and scaler_std, or neither",
+        ));
+    }
+    let scaler = match (&mean, &std) {
+        (Some(m), Some(s)) => Scaler::new(m.clone(), s.clone()).or_raise(),
+        _ => Scaler::identity(cfg.seq_len),
+    };
+    // Build the model once to check that everything fits together.
+    let model = Exceiver::new(cfg.clone(), params, scaler.zero_fill()).or_raise();
+    let (cfg, params, _) = model.into_parts();
+    let bytes = weights::save_safetensors(&cfg, &params, &[]).or_raise();
+    let kind = if cfg.num_classes.is_some() {
+        "classifier"
+    } else {
+        "exceiver"
+    };
+    let config = serde_json::to_string(&cfg).unwrap_or_default();
+    Spi::run_with_args(
+        "INSERT INTO exceiver.model_catalog (name, kind, config, genes, scaler_mean, scaler_std, weights, source) \
+         VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8)",
+        &[
+            name.into(),
+            kind.into(),
+            config.into(),
+            genes.into(),
+            mean.into(),
+            std.into(),
+            bytes.into(),
+            format!("import:{path}").into(),
+        ],
+    )
+    .or_raise();
+    TableIterator::once((
+        name.to_string(),
+        kind.to_string(),
+        cfg.seq_len as i64,
+        cfg.num_layers as i64,
+        cfg.embedding_len() as i64,
+    ))
+}
+
+/// Remove model `name` from the catalog.
+#[pg_extern(volatile, parallel_unsafe)]
+fn drop_model(name: &str) -> bool {
+    let n = Spi::get_one_with_args::<i64>(
+        "WITH d AS (DELETE FROM exceiver.model_catalog WHERE name = $1 RETURNING 1) SELECT count(*) FROM d",
+        &[name.into()],
+    )
+    .or_raise()
+    .unwrap_or(0);
+    if n == 0 {
+        undefined_model(name);
+    }
+    CACHE.with(|c| c.borrow_mut().remove(name));
+    true
+}
