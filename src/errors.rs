@@ -13,6 +13,7 @@ pub fn sqlstate(kind: Kind) -> PgSqlErrorCode {
         Kind::Io => PgSqlErrorCode::ERRCODE_IO_ERROR,
         Kind::Limit => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         Kind::ArrayShape => PgSqlErrorCode::ERRCODE_ARRAY_ELEMENT_ERROR,
+        Kind::NullValue => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
         Kind::UndefinedObject => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         Kind::Internal => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
     }

@@ -7,6 +7,13 @@
 
 mod api;
 mod errors;
+mod gucs;
+
+#[allow(non_snake_case)]
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

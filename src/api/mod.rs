@@ -1,5 +1,7 @@
 //! The SQL-facing functions, one module per concern.
 
+pub mod bulk;
+pub mod evaluate;
 pub mod infer;
 pub mod load;
 pub mod model;

@@ -176,27 +176,35 @@ pub(crate) fn cell_input(m: &Loaded, genes: &Array<&str>, counts: &Array<f32>) -
                 .with_hint("genes and counts must be parallel arrays of the same length."),
         );
     }
-    let mut idx = Vec::with_capacity(ng);
-    let mut cnt = Vec::with_capacity(ng);
+    let (cell, unknown) = cell_input_iter(m, ng, genes.iter(), counts.iter()).or_raise();
+    if unknown * 2 > ng {
+        notice!(
+            "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored"
+        );
+    }
+    cell
+}
+
+/// Validate and preprocess one cell given as parallel (gene, count) sequences of length
+/// `n`; returns the model input and how many genes were outside the vocabulary.
+pub(crate) fn cell_input_iter<'a>(
+    m: &Loaded,
+    n: usize,
+    genes: impl Iterator<Item = Option<&'a str>>,
+    counts: impl Iterator<Item = Option<f32>>,
+) -> Result<(CellInput, usize), Error> {
+    use exceiver_core::Kind;
+    let mut idx = Vec::with_capacity(n);
+    let mut cnt = Vec::with_capacity(n);
     let mut total = 0.0f64;
     let mut unknown = 0usize;
-    for (p, (g, c)) in genes.iter().zip(counts.iter()).enumerate() {
-        let Some(g) = g else {
-            raise_code(
-                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                format!("genes[{}] is NULL", p + 1),
-                None,
-            )
-        };
-        let Some(c) = c else {
-            raise_code(
-                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                format!("counts[{}] is NULL", p + 1),
-                None,
-            )
-        };
+    for (p, (g, c)) in genes.zip(counts).enumerate() {
+        let g =
+            g.ok_or_else(|| Error::new(Kind::NullValue, format!("genes[{}] is NULL", p + 1)))?;
+        let c =
+            c.ok_or_else(|| Error::new(Kind::NullValue, format!("counts[{}] is NULL", p + 1)))?;
         if !c.is_finite() || c < 0.0 {
-            raise(Error::data(format!(
+            return Err(Error::data(format!(
                 "counts[{}] = {c} for gene \"{g}\": counts must be finite and non-negative",
                 p + 1
             )));
@@ -220,36 +228,32 @@ pub(crate) fn cell_input(m: &Loaded, genes: &Array<&str>, counts: &Array<f32>) -
             .find(|(_, &v)| v == w[0])
             .map(|(k, _)| k.as_str())
             .unwrap_or("?");
-        raise(Error::data(format!(
+        return Err(Error::data(format!(
             "gene \"{name}\" appears more than once in the cell"
         )));
     }
     if idx.is_empty() || total <= 0.0 {
-        raise(
-            Error::invalid(format!(
-                "the cell has no counts on the model's {} genes ({ng} genes given, {unknown} not in the vocabulary)",
-                m.vocab.len()
-            ))
-            .with_hint("Check that gene symbols match the model's vocabulary: SELECT genes FROM exceiver.model_catalog."),
-        );
+        return Err(Error::invalid(format!(
+            "the cell has no counts on the model's {} genes ({n} genes given, {unknown} not in the vocabulary)",
+            m.vocab.len()
+        ))
+        .with_hint("Check that gene symbols match the model's vocabulary: SELECT genes FROM exceiver.model_catalog."));
     }
     let mut out_g = Vec::new();
     let mut out_v = Vec::new();
-    normalize_cell_into(&idx, &cnt, Some(total), &m.scaler, &mut out_g, &mut out_v).or_raise();
+    normalize_cell_into(&idx, &cnt, Some(total), &m.scaler, &mut out_g, &mut out_v)?;
     if out_g.is_empty() {
-        raise(Error::invalid(
+        return Err(Error::invalid(
             "the cell has no non-zero counts on the model's genes",
         ));
     }
-    if unknown * 2 > ng {
-        notice!(
-            "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored"
-        );
-    }
-    CellInput {
-        genes: out_g,
-        values: out_v,
-    }
+    Ok((
+        CellInput {
+            genes: out_g,
+            values: out_v,
+        },
+        unknown,
+    ))
 }
 
 /// The cell embedding as a real[] (the SQL function `exceiver.embed` returns it as a

@@ -20,6 +20,8 @@ pub enum Kind {
     Limit,
     /// Arrays of different lengths or mismatched shapes (2202E array_subscript_error / 22000).
     ArrayShape,
+    /// A NULL where a value is required (22004 null_value_not_allowed).
+    NullValue,
     /// A named thing does not exist: a model, a gene, a column (42704 undefined_object).
     UndefinedObject,
     /// A bug: something that cannot happen (XX000 internal_error).

@@ -1,0 +1,207 @@
+//! Bulk embedding of a whole cell table: `exceiver.embed_table`.
+//!
+//! Reads the table through a cursor in batches, embeds each batch on
+//! `exceiver.threads` worker threads (which never call PostgreSQL), writes the
+//! embeddings into a `vector(n)` column, checks for interrupts between batches and
+//! reports progress. Memory is bounded by the batch, not the table.
+
+use crate::api::load::quote_ident;
+use crate::api::model::{cell_input_iter, get_model, CellInput};
+use crate::errors::{raise, raise_code, OrRaise};
+use crate::gucs;
+use exceiver_core::{Error, Kind};
+use pgrx::prelude::*;
+use pgrx::spi::SpiError;
+use pgrx::{PgMemoryContexts, PgSqlErrorCode};
+use std::time::Instant;
+
+/// The quoted name of a relation given as text (schema-qualified or not).
+pub(crate) fn relation_name(source: &str) -> String {
+    Spi::connect(|c| {
+        c.select("SELECT $1::regclass::text", Some(1), &[source.into()])?
+            .first()
+            .get::<String>(1)
+    })
+    .or_raise()
+    .unwrap_or_else(|| {
+        raise(Error::new(
+            Kind::UndefinedObject,
+            format!("relation \"{source}\" does not exist"),
+        ))
+    })
+}
+
+/// The type of `column` in `rel` (`format_type` form, e.g. `vector(512)`), if it exists.
+pub(crate) fn column_type(rel: &str, column: &str) -> Option<String> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT (SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1::regclass AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+            Some(1),
+            &[rel.into(), column.into()],
+        )?
+        .first()
+        .get::<String>(1)
+    })
+    .or_raise()
+}
+
+/// Check that `rel` has the cell-table columns a function reads.
+pub(crate) fn check_cell_table(rel: &str) {
+    for (col, want) in [("genes", "text[]"), ("counts", "")] {
+        match column_type(rel, col) {
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("table {rel} has no column \"{col}\""),
+                Some("A cell table has columns cell_id text, genes text[] and counts real[] (see exceiver.load_10x)."),
+            ),
+            Some(t) if !want.is_empty() && t != want => raise_code(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("column \"{col}\" of {rel} is {t}, expected {want}"),
+                None,
+            ),
+            Some(t) if col == "counts" && !t.ends_with("[]") => raise_code(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("column \"counts\" of {rel} is {t}, expected real[]"),
+                None,
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// Embed every row of cell table `source` with `model` into the `vector` column
+/// `target_column` (created as `vector(n)` when missing). Rows whose cells have no
+/// counts on the model's genes, or NULL genes/counts, are left NULL and counted.
+#[pg_extern(volatile, parallel_unsafe)]
+fn embed_table(
+    model: &str,
+    source: &str,
+    target_column: default!(&str, "'embedding'"),
+    batch_size: default!(i32, 512),
+) -> TableIterator<
+    'static,
+    (
+        name!(cells, i64),
+        name!(skipped, i64),
+        name!(seconds, f64),
+        name!(cells_per_s, f64),
+    ),
+> {
+    if !(1..=100_000).contains(&batch_size) {
+        raise(Error::invalid(format!(
+            "batch_size must be between 1 and 100000, not {batch_size}"
+        )));
+    }
+    let m = get_model(model);
+    let dim = m.model.embedding_len();
+    let rel = relation_name(source);
+    check_cell_table(&rel);
+    let col = quote_ident(target_column);
+    match column_type(&rel, target_column) {
+        None => Spi::run(&format!("ALTER TABLE {rel} ADD COLUMN {col} vector({dim})")).or_raise(),
+        Some(t) if t == format!("vector({dim})") || t == "vector" => {}
+        Some(t) if t.starts_with("vector(") => raise(Error::data(format!(
+            "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
+        ))
+        .with_hint(format!("Use another column, or ALTER TABLE {rel} ALTER COLUMN {col} TYPE vector({dim})."))),
+        Some(t) => raise_code(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("column \"{target_column}\" of {rel} is {t}, not a pgvector vector"),
+            None,
+        ),
+    }
+    let total = Spi::connect(|c| {
+        c.select(&format!("SELECT count(*) FROM {rel}"), Some(1), &[])?
+            .first()
+            .get::<i64>(1)
+    })
+    .or_raise()
+    .unwrap_or(0);
+    let threads = gucs::threads();
+    let query = format!("SELECT ctid::text, genes, counts::real[] FROM {rel}");
+    let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid");
+    let start = Instant::now();
+    let (mut done, mut skipped) = (0i64, 0i64);
+    let mut next_report = total / 10;
+    // One SPI connection for the whole scan (a cursor does not outlive it); the update
+    // arguments of each batch live in a memory context reset after the batch.
+    let mut batch_mem = PgMemoryContexts::new("exceiver embed_table batch");
+    Spi::connect_mut(|client| {
+        let mut cur = client.try_open_cursor(query.as_str(), &[])?;
+        let stmt = client.prepare_mut(update.as_str(), &[pg_sys::TEXTOID.into(), pg_sys::FLOAT4ARRAYOID.into()])?;
+        loop {
+            // Read one batch as owned copies; the tuple table is freed at once.
+            type Row = (String, Option<Vec<Option<String>>>, Option<Vec<Option<f32>>>);
+            let rows: Vec<Row> = {
+                let t = cur.fetch(batch_size as _)?;
+                let mut out = Vec::with_capacity(t.len());
+                for r in t {
+                    let tid: String = r.get(1)?.unwrap_or_default();
+                    out.push((tid, r.get::<Vec<Option<String>>>(2)?, r.get::<Vec<Option<f32>>>(3)?));
+                }
+                out
+            };
+            if rows.is_empty() {
+                break;
+            }
+            let mut inputs: Vec<(usize, CellInput)> = Vec::with_capacity(rows.len());
+            for (k, (tid, genes, counts)) in rows.iter().enumerate() {
+                let (Some(g), Some(c)) = (genes, counts) else {
+                    skipped += 1;
+                    continue;
+                };
+                if g.len() != c.len() {
+                    raise(Error::shape(format!(
+                        "row {tid}: genes has {} elements but counts has {}",
+                        g.len(),
+                        c.len()
+                    )));
+                }
+                match cell_input_iter(&m, g.len(), g.iter().map(|x| x.as_deref()), c.iter().copied()) {
+                    Ok((cell, _)) => inputs.push((k, cell)),
+                    Err(e) if e.kind == Kind::InvalidParameter => skipped += 1,
+                    Err(e) => raise(e.context(format!("row {tid}"))),
+                }
+            }
+            let cells: Vec<(&[u32], &[f32])> =
+                inputs.iter().map(|(_, c)| (c.genes.as_slice(), c.values.as_slice())).collect();
+            // Worker threads: pure Rust, no PostgreSQL calls.
+            let embs = m.model.embed_batch(&cells, threads).or_raise();
+            unsafe {
+                batch_mem.switch_to(|_| {
+                    for (j, (k, _)) in inputs.iter().enumerate() {
+                        let v = embs[j * dim..(j + 1) * dim].to_vec();
+                        client.update(&stmt, None, &[rows[*k].0.as_str().into(), v.into()])?;
+                    }
+                    Ok::<_, SpiError>(())
+                })?;
+                batch_mem.reset();
+            }
+            done += rows.len() as i64;
+            check_for_interrupts!();
+            if done >= next_report && done < total {
+                let s = start.elapsed().as_secs_f64();
+                let rate = done as f64 / s.max(1e-9);
+                notice!(
+                    "embed_table: {done} of {total} cells ({:.0}%), {rate:.0} cells/s, about {:.0} s left",
+                    100.0 * done as f64 / total.max(1) as f64,
+                    (total - done) as f64 / rate.max(1e-9)
+                );
+                next_report = done + total / 10;
+            }
+        }
+        Ok::<_, SpiError>(())
+    })
+    .or_raise();
+    if skipped > 0 {
+        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
+    }
+    let s = start.elapsed().as_secs_f64();
+    TableIterator::once((
+        done - skipped,
+        skipped,
+        s,
+        (done - skipped) as f64 / s.max(1e-9),
+    ))
+}

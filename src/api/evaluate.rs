@@ -1,0 +1,70 @@
+//! `exceiver.evaluate_embeddings`: how well an embedding column agrees with labels,
+//! by leave-one-out k-nearest-neighbour label prediction with pgvector distances.
+
+use pgrx::prelude::*;
+
+extension_sql!(
+    r#"
+CREATE FUNCTION evaluate_embeddings(source regclass, embedding_column text, label_column text, k integer DEFAULT 15)
+RETURNS TABLE(cells bigint, classes integer, neighbours integer, accuracy double precision, macro_f1 double precision)
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $fn$
+DECLARE
+  emb_type text;
+  n_skipped bigint;
+  n_classes integer;
+BEGIN
+  IF k IS NULL OR k < 1 THEN
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('k must be at least 1, not %s', k);
+  END IF;
+  SELECT format_type(atttypid, atttypmod) INTO emb_type FROM pg_attribute
+   WHERE attrelid = source AND attname = embedding_column AND attnum > 0 AND NOT attisdropped;
+  IF emb_type IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = format('column "%s" of %s does not exist', embedding_column, source);
+  END IF;
+  IF emb_type NOT LIKE 'vector%' THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = format('column "%s" of %s is %s, not a pgvector vector', embedding_column, source, emb_type);
+  END IF;
+  PERFORM 1 FROM pg_attribute WHERE attrelid = source AND attname = label_column AND attnum > 0 AND NOT attisdropped;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = format('column "%s" of %s does not exist', label_column, source);
+  END IF;
+  EXECUTE format('SELECT count(*) FILTER (WHERE %1$I IS NULL OR %2$I IS NULL), count(DISTINCT %2$I) FILTER (WHERE %1$I IS NOT NULL) FROM %3$s',
+                 embedding_column, label_column, source) INTO n_skipped, n_classes;
+  IF n_classes < 2 THEN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+      MESSAGE = format('label column "%s" of %s has %s distinct labels; kNN evaluation needs at least 2', label_column, source, n_classes);
+  END IF;
+  IF n_skipped > 0 THEN
+    RAISE NOTICE '% cells with a NULL label or embedding were skipped', n_skipped;
+  END IF;
+  -- Each cell's label is predicted by the majority label of its k nearest other cells
+  -- (cosine distance; ties go to the label that sorts first). Accuracy over all cells,
+  -- macro-F1 over the labels present.
+  RETURN QUERY EXECUTE format($q$
+    WITH pred AS (
+      SELECT c.%2$I::text AS y,
+             (SELECT mode() WITHIN GROUP (ORDER BY nn.y)
+                FROM (SELECT o.%2$I::text AS y FROM %3$s o
+                       WHERE o.%1$I IS NOT NULL AND o.%2$I IS NOT NULL AND o.ctid <> c.ctid
+                       ORDER BY o.%1$I <=> c.%1$I LIMIT %4$s) nn) AS yhat
+        FROM %3$s c WHERE c.%1$I IS NOT NULL AND c.%2$I IS NOT NULL),
+    per AS (
+      SELECT l.lbl,
+             count(*) FILTER (WHERE p.y = l.lbl AND p.yhat = l.lbl) AS tp,
+             count(*) FILTER (WHERE p.y <> l.lbl AND p.yhat = l.lbl) AS fp,
+             count(*) FILTER (WHERE p.y = l.lbl AND p.yhat IS DISTINCT FROM l.lbl) AS fn
+        FROM (SELECT DISTINCT y AS lbl FROM pred) l CROSS JOIN pred p GROUP BY l.lbl)
+    SELECT (SELECT count(*) FROM pred), (SELECT count(*)::int FROM per), %4$s,
+           (SELECT avg((y = yhat)::int)::float8 FROM pred),
+           (SELECT avg(CASE WHEN 2 * tp + fp + fn = 0 THEN 0 ELSE 2.0 * tp / (2 * tp + fp + fn) END)::float8 FROM per)
+  $q$, embedding_column, label_column, source, k);
+END
+$fn$;
+COMMENT ON FUNCTION evaluate_embeddings(regclass, text, text, integer) IS
+  'leave-one-out kNN label accuracy and macro-F1 of an embedding column (cosine distance)';
+"#,
+    name = "evaluate_embeddings",
+    requires = ["catalog"]
+);
