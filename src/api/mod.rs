@@ -5,3 +5,4 @@ pub mod evaluate;
 pub mod infer;
 pub mod load;
 pub mod model;
+pub mod train;

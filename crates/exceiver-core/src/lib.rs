@@ -6,5 +6,6 @@ pub mod data;
 pub mod error;
 pub mod model;
 pub mod preprocess;
+pub mod train;
 
 pub use error::{Error, Kind, Result};

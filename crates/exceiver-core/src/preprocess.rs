@@ -101,41 +101,73 @@ impl Scaler {
         n_genes: usize,
         cells: impl IntoIterator<Item = (&'a [u32], &'a [f32])>,
     ) -> Result<Scaler> {
-        let mut s = vec![0.0f64; n_genes];
-        let mut s2 = vec![0.0f64; n_genes];
-        let mut n_cells = 0usize;
+        let mut acc = ScalerFit::new(n_genes);
         for (genes, ys) in cells {
-            if genes.len() != ys.len() {
-                return Err(Error::shape(format!(
-                    "a cell has {} genes but {} values",
-                    genes.len(),
-                    ys.len()
+            acc.add_cell(genes, ys)?;
+        }
+        acc.finish()
+    }
+}
+
+/// A streaming [`Scaler::fit`]: add cells one at a time (e.g. batch by batch from a
+/// table), then `finish`. Memory is O(genes), not O(cells).
+#[derive(Debug, Clone)]
+pub struct ScalerFit {
+    s: Vec<f64>,
+    s2: Vec<f64>,
+    n_cells: usize,
+}
+
+impl ScalerFit {
+    pub fn new(n_genes: usize) -> ScalerFit {
+        ScalerFit {
+            s: vec![0.0; n_genes],
+            s2: vec![0.0; n_genes],
+            n_cells: 0,
+        }
+    }
+
+    /// Add one cell: vocabulary indices and log1p values of its non-zero entries.
+    pub fn add_cell(&mut self, genes: &[u32], ys: &[f32]) -> Result<()> {
+        let n_genes = self.s.len();
+        if genes.len() != ys.len() {
+            return Err(Error::shape(format!(
+                "a cell has {} genes but {} values",
+                genes.len(),
+                ys.len()
+            )));
+        }
+        for (&g, &y) in genes.iter().zip(ys) {
+            let g = g as usize;
+            if g >= n_genes {
+                return Err(Error::invalid(format!(
+                    "gene index {g} is out of range for {n_genes} genes"
                 )));
             }
-            for (&g, &y) in genes.iter().zip(ys) {
-                let g = g as usize;
-                if g >= n_genes {
-                    return Err(Error::invalid(format!(
-                        "gene index {g} is out of range for {n_genes} genes"
-                    )));
-                }
-                if !y.is_finite() {
-                    return Err(Error::data(format!("value {y} of gene {g} is not finite")));
-                }
-                s[g] += y as f64;
-                s2[g] += y as f64 * y as f64;
+            if !y.is_finite() {
+                return Err(Error::data(format!("value {y} of gene {g} is not finite")));
             }
-            n_cells += 1;
+            self.s[g] += y as f64;
+            self.s2[g] += y as f64 * y as f64;
         }
-        if n_cells == 0 {
+        self.n_cells += 1;
+        Ok(())
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.n_cells
+    }
+
+    pub fn finish(self) -> Result<Scaler> {
+        if self.n_cells == 0 {
             return Err(Error::invalid("cannot fit a scaler on zero cells"));
         }
-        let n = n_cells as f64;
-        let mut mean = Vec::with_capacity(n_genes);
-        let mut scale = Vec::with_capacity(n_genes);
-        for g in 0..n_genes {
-            let m = s[g] / n;
-            let var = (s2[g] / n - m * m).max(0.0);
+        let n = self.n_cells as f64;
+        let mut mean = Vec::with_capacity(self.s.len());
+        let mut scale = Vec::with_capacity(self.s.len());
+        for g in 0..self.s.len() {
+            let m = self.s[g] / n;
+            let var = (self.s2[g] / n - m * m).max(0.0);
             mean.push(m as f32);
             scale.push(if var == 0.0 { 1.0 } else { var.sqrt() as f32 });
         }

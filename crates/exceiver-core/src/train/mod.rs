@@ -1,0 +1,403 @@
+//! Training: masked value prediction (plus cross-entropy for a classifier) with a
+//! hand-written backward pass and Adam, on CPU threads.
+//!
+//! * [`TrainCell`]: one cell of a batch: its expressed genes, model input values, the
+//!   positions of the genes masked for this step, and a label for a classifier.
+//! * [`Trainer`]: owns the weights and the optimiser; [`Trainer::train_step`] runs
+//!   forward, loss, backward and one Adam update on a batch; [`Trainer::eval_loss`]
+//!   only evaluates.
+//! * [`loss_and_grads`]: loss and gradients of a batch without an update (tests).
+//! * [`mask_positions`], [`n_mask_for`]: the reference's masking.
+//!
+//! The maths is that of the reference (`fixtures/README.md`): masked genes are fed
+//! as the mask token (embedding row G, fixed at zero) with value 1.0, the decoder is
+//! queried with the masked genes (then the class token for a classifier), the loss is
+//! the mean squared error over all masked genes of the batch (`nn.MSELoss`), plus the
+//! mean cross-entropy over the batch's cells for a classifier. In the reference
+//! attention mode the encoder attends to every vocabulary gene; see [`grad`] for how
+//! that is done in O(expressed genes) per cell plus one pass over the vocabulary per
+//! batch.
+//!
+//! Results are deterministic for a given batch, parameters and thread count: cells
+//! are split into contiguous chunks, one per thread, and per-thread gradients are
+//! summed in thread order. Worker threads run only this crate's arithmetic.
+
+pub mod grad;
+pub mod kernels;
+pub mod ops;
+
+use crate::error::{Error, Result};
+use crate::model::config::Config;
+use crate::model::rng::Rng;
+use crate::model::weights::Params;
+use grad::ThreadState;
+
+/// One cell of a training batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainCell {
+    /// Vocabulary indices of the expressed genes (distinct, < G).
+    pub genes: Vec<u32>,
+    /// Model input values of those genes (after preprocessing, see
+    /// [`crate::preprocess`]); also the regression targets of the masked ones.
+    pub values: Vec<f32>,
+    /// Positions (into `genes`) of the masked genes, in the order they are predicted.
+    pub mask: Vec<usize>,
+    /// Class label (classifiers only; required there, refused otherwise).
+    pub label: Option<usize>,
+}
+
+/// What one step (or evaluation) measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// `mse + ce`, the value that is minimised.
+    pub loss: f64,
+    /// Mean squared error over all masked genes of the batch.
+    pub mse: f64,
+    /// Mean cross-entropy over the cells (0 for a plain Exceiver).
+    pub ce: f64,
+    /// Cells in the batch.
+    pub cells: usize,
+    /// Masked genes in the batch.
+    pub masked: usize,
+}
+
+/// Optimiser and parallelism settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOpts {
+    /// Peak learning rate (reference: 3e-4).
+    pub lr: f64,
+    /// Coupled L2 weight decay, `grad += wd·param` as `torch.optim.Adam` (reference 1e-5).
+    pub weight_decay: f64,
+    /// Linear warm-up: step s (0-based) uses `lr·min(1, (s+1)/warmup_steps)`; 0 = none.
+    pub warmup_steps: u64,
+    /// Adam's β1, β2.
+    pub betas: (f64, f64),
+    /// Adam's ε.
+    pub eps: f64,
+    /// Worker threads (0: one per available core).
+    pub threads: usize,
+}
+
+impl Default for TrainOpts {
+    fn default() -> Self {
+        TrainOpts {
+            lr: 3e-4,
+            weight_decay: 1e-5,
+            warmup_steps: 500,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            threads: 0,
+        }
+    }
+}
+
+impl TrainOpts {
+    /// Check the numbers.
+    pub fn validate(&self) -> Result<()> {
+        let ok = |name: &str, v: f64, good: bool| -> Result<()> {
+            if v.is_finite() && good {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!(
+                    "training option {name} = {v} is invalid"
+                )))
+            }
+        };
+        ok("lr", self.lr, self.lr > 0.0)?;
+        ok("weight_decay", self.weight_decay, self.weight_decay >= 0.0)?;
+        ok("beta1", self.betas.0, (0.0..1.0).contains(&self.betas.0))?;
+        ok("beta2", self.betas.1, (0.0..1.0).contains(&self.betas.1))?;
+        ok("eps", self.eps, self.eps > 0.0)?;
+        if self.threads > 1024 {
+            return Err(Error::invalid(format!(
+                "training option threads = {} exceeds 1024",
+                self.threads
+            )));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of step `step` (0-based) with the linear warm-up.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if self.warmup_steps == 0 {
+            self.lr
+        } else {
+            self.lr * ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
+        }
+    }
+}
+
+/// Adam (`torch.optim.Adam` semantics: coupled L2 weight decay, bias correction),
+/// with its moments stored flat in the parameters' state_dict order.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Updates done so far.
+    pub t: u64,
+}
+
+impl Adam {
+    pub fn new(cfg: &Config, params: &Params) -> Adam {
+        let n = params.num_parameters(cfg);
+        Adam {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
+    }
+
+    /// One update with learning rate `lr`. The mask token's embedding row stays zero.
+    pub fn update(
+        &mut self,
+        cfg: &Config,
+        params: &mut Params,
+        grads: &Params,
+        lr: f64,
+        opts: &TrainOpts,
+    ) -> Result<()> {
+        let mut flat = Vec::with_capacity(self.m.len());
+        grads.visit(cfg, |_, _, v| {
+            flat.extend_from_slice(v);
+            Ok(())
+        })?;
+        if flat.len() != self.m.len() {
+            return Err(Error::internal("optimiser state does not match the model"));
+        }
+        self.t += 1;
+        let (b1, b2) = opts.betas;
+        let bc1 = 1.0 - b1.powi(self.t.min(i32::MAX as u64) as i32);
+        let bc2 = 1.0 - b2.powi(self.t.min(i32::MAX as u64) as i32);
+        let step_size = (lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let (b1f, b2f) = (b1 as f32, b2 as f32);
+        let (wd, eps) = (opts.weight_decay as f32, opts.eps as f32);
+        let mut off = 0;
+        let (m, v) = (&mut self.m, &mut self.v);
+        params.visit_mut(cfg, |_, _, p| {
+            for (k, x) in p.iter_mut().enumerate() {
+                let i = off + k;
+                let g = flat[i] + wd * *x;
+                m[i] = b1f * m[i] + (1.0 - b1f) * g;
+                v[i] = b2f * v[i] + (1.0 - b2f) * g * g;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                *x -= step_size * m[i] / denom;
+            }
+            off += p.len();
+            Ok(())
+        })?;
+        let (g, d) = (cfg.seq_len, cfg.seq_dim);
+        params.gene_emb[g * d..(g + 1) * d].fill(0.0);
+        Ok(())
+    }
+}
+
+/// Owns a model's weights and optimiser state and trains it batch by batch.
+pub struct Trainer {
+    cfg: Config,
+    params: Params,
+    zero_fill: Vec<f32>,
+    opts: TrainOpts,
+    adam: Adam,
+    states: Vec<ThreadState>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.cfg)
+            .field("opts", &self.opts)
+            .field("step", &self.adam.t)
+            .finish()
+    }
+}
+
+fn check_zero_fill(cfg: &Config, zero_fill: &[f32]) -> Result<()> {
+    if zero_fill.len() != cfg.seq_len {
+        return Err(Error::shape(format!(
+            "zero-fill vector has {} values, the model has {} genes",
+            zero_fill.len(),
+            cfg.seq_len
+        )));
+    }
+    if let Some(i) = zero_fill.iter().position(|v| !v.is_finite()) {
+        return Err(Error::data(format!(
+            "zero-fill value {} of gene {i} is not finite",
+            zero_fill[i]
+        )));
+    }
+    Ok(())
+}
+
+fn thread_count(t: usize) -> usize {
+    if t == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        t
+    }
+}
+
+impl Trainer {
+    /// A trainer for `params` (checked against `cfg`), with the zero-fill model input
+    /// values of the G vocabulary genes ([`crate::preprocess::Scaler::zero_fill`]).
+    pub fn new(
+        cfg: Config,
+        mut params: Params,
+        zero_fill: Vec<f32>,
+        opts: TrainOpts,
+    ) -> Result<Trainer> {
+        params.check(&cfg)?;
+        check_zero_fill(&cfg, &zero_fill)?;
+        opts.validate()?;
+        let (g, d) = (cfg.seq_len, cfg.seq_dim);
+        params.gene_emb[g * d..(g + 1) * d].fill(0.0);
+        let adam = Adam::new(&cfg, &params);
+        let states = (0..thread_count(opts.threads))
+            .map(|_| ThreadState::new(&cfg))
+            .collect();
+        Ok(Trainer {
+            cfg,
+            params,
+            zero_fill,
+            opts,
+            adam,
+            states,
+        })
+    }
+
+    /// Forward, loss, backward and one Adam update on a batch. On error (bad cell,
+    /// non-finite loss or gradient) the weights are unchanged.
+    pub fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        let stats = grad::run_batch(
+            &self.cfg,
+            &self.params,
+            &self.zero_fill,
+            cells,
+            &mut self.states,
+            true,
+        )?;
+        let grads = &self.states[0].acc.grads;
+        let mut bad = None;
+        grads.visit(&self.cfg, |name, _, v| {
+            if bad.is_none() && v.iter().any(|x| !x.is_finite()) {
+                bad = Some(name);
+            }
+            Ok(())
+        })?;
+        if let Some(name) = bad {
+            return Err(Error::data(format!(
+                "the gradient of \"{name}\" is not finite; the step was not applied"
+            ))
+            .with_hint("lower the learning rate"));
+        }
+        let lr = self.opts.lr_at(self.adam.t);
+        self.adam
+            .update(&self.cfg, &mut self.params, grads, lr, &self.opts)?;
+        Ok(stats)
+    }
+
+    /// The loss of a batch under the current weights (no update).
+    pub fn eval_loss(&mut self, cells: &[TrainCell]) -> Result<f64> {
+        Ok(self.eval_stats(cells)?.loss)
+    }
+
+    /// [`Trainer::eval_loss`] with the MSE / cross-entropy split.
+    pub fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        grad::run_batch(
+            &self.cfg,
+            &self.params,
+            &self.zero_fill,
+            cells,
+            &mut self.states,
+            false,
+        )
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn into_params(self) -> Params {
+        self.params
+    }
+
+    pub fn zero_fill(&self) -> &[f32] {
+        &self.zero_fill
+    }
+
+    pub fn opts(&self) -> &TrainOpts {
+        &self.opts
+    }
+
+    /// Updates done so far.
+    pub fn steps_done(&self) -> u64 {
+        self.adam.t
+    }
+
+    /// The learning rate the next step will use.
+    pub fn next_lr(&self) -> f64 {
+        self.opts.lr_at(self.adam.t)
+    }
+}
+
+/// Loss and gradients (`∂loss/∂param` for every tensor, reference names via
+/// [`Params::visit`]) of a batch, on `threads` threads (0: all cores). The mask
+/// token's gradient row is zero.
+pub fn loss_and_grads(
+    cfg: &Config,
+    params: &Params,
+    zero_fill: &[f32],
+    cells: &[TrainCell],
+    threads: usize,
+) -> Result<(StepStats, Params)> {
+    params.check(cfg)?;
+    check_zero_fill(cfg, zero_fill)?;
+    let mut states: Vec<ThreadState> = (0..thread_count(threads).min(cells.len().max(1)))
+        .map(|_| ThreadState::new(cfg))
+        .collect();
+    let stats = grad::run_batch(cfg, params, zero_fill, cells, &mut states, true)?;
+    let grads = std::mem::replace(&mut states[0].acc.grads, Params::zeros(cfg));
+    Ok((stats, grads))
+}
+
+/// `n_mask = int(frac · median(expressed genes per cell))`, as the reference's
+/// `ExceiverDataset` (numpy median: the mean of the two middle values for an even
+/// count).
+pub fn n_mask_for(frac: f64, nnz_per_cell: &[usize]) -> usize {
+    if nnz_per_cell.is_empty() || !(frac.is_finite() && frac > 0.0) {
+        return 0;
+    }
+    let mut v: Vec<usize> = nnz_per_cell.to_vec();
+    v.sort_unstable();
+    let k = v.len();
+    let median = if k % 2 == 1 {
+        v[k / 2] as f64
+    } else {
+        (v[k / 2 - 1] + v[k / 2]) as f64 / 2.0
+    };
+    (frac * median) as usize
+}
+
+/// Choose `n_mask` of a cell's `nnz` expressed genes uniformly without replacement
+/// (positions, in draw order), as `np.random.choice(…, replace=False)` does in
+/// distribution. Errors when the cell has fewer than `n_mask` genes (the caller skips
+/// such cells, as the reference does).
+pub fn mask_positions(nnz: usize, n_mask: usize, rng: &mut Rng) -> Result<Vec<usize>> {
+    if n_mask > nnz {
+        return Err(Error::invalid(format!(
+            "cannot mask {n_mask} genes of a cell with {nnz} expressed genes"
+        )));
+    }
+    // partial Fisher–Yates over the positions
+    let mut idx: Vec<usize> = (0..nnz).collect();
+    for k in 0..n_mask {
+        let j = k + rng.below(nnz - k);
+        idx.swap(k, j);
+    }
+    idx.truncate(n_mask);
+    Ok(idx)
+}

@@ -1,0 +1,957 @@
+//! `exceiver.train`: masked value prediction on a cell table, in the backend.
+//!
+//! The table is streamed, never held whole: the gene vocabulary comes from an SQL
+//! aggregate, the scaler from one pass over the training cells, and each epoch reads
+//! the training cells through a cursor in a fresh shuffled order, batch by batch.
+//! Cells are split into training and validation by a hash of `cell_id` and the seed.
+//! Between steps the backend checks for interrupts, so `pg_cancel_backend` and
+//! `statement_timeout` stop training; the model is written only at the end, in the
+//! caller's transaction, so an interrupted or failed run leaves nothing behind.
+
+use crate::api::bulk::{check_cell_table, column_type, relation_name};
+use crate::api::model::{check_new_model_name, get_model};
+use crate::errors::{raise, raise_code, OrRaise};
+use crate::gucs;
+use exceiver_core::model::rng::Rng;
+use exceiver_core::model::weights::{self, Params};
+use exceiver_core::model::{AttentionMode, Config};
+use exceiver_core::preprocess::{log1p32, normalize_count, Scaler, ScalerFit};
+use exceiver_core::train::{mask_positions, n_mask_for, StepStats, TrainCell, TrainOpts, Trainer};
+use exceiver_core::{Error, Kind};
+use pgrx::prelude::*;
+use pgrx::spi::{SpiCursor, SpiError};
+use pgrx::{JsonB, PgSqlErrorCode};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Training options, named after the reference's hyperparameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub preset: String,
+    pub seq_dim: Option<usize>,
+    pub query_len: Option<usize>,
+    pub query_dim: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub nhead: Option<usize>,
+    pub dim_feedforward: Option<usize>,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub batch_size: usize,
+    pub frac: f64,
+    pub epochs: usize,
+    pub val_fraction: f64,
+    pub patience: usize,
+    pub seed: u64,
+    pub min_cells: i64,
+    pub max_cells: Option<i64>,
+    pub attention: AttentionMode,
+    pub parent: Option<String>,
+    pub progress_every: u64,
+    /// Finetuning only: the fraction of labelled cells used (hash of cell_id).
+    pub label_fraction: f64,
+    /// Finetuning only: start from the base model's weights ("pretrained") or fresh ones ("random").
+    pub init_random: bool,
+}
+
+const KEYS: [&str; 24] = [
+    "preset",
+    "seq_dim",
+    "query_len",
+    "query_dim",
+    "num_layers",
+    "nhead",
+    "dim_feedforward",
+    "dropout",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "batch_size",
+    "frac",
+    "epochs",
+    "val_fraction",
+    "patience",
+    "seed",
+    "min_cells",
+    "max_cells",
+    "attention",
+    "parent",
+    "progress_every",
+    "label_fraction",
+    "init",
+];
+
+fn bad(msg: String) -> ! {
+    raise(Error::invalid(msg).with_hint(format!("Valid options: {}.", KEYS.join(", "))))
+}
+
+fn int_opt(m: &Map<String, Value>, k: &str, lo: i64, hi: i64) -> Option<i64> {
+    let v = m.get(k)?;
+    let Some(x) = v
+        .as_i64()
+        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+    else {
+        bad(format!("option \"{k}\" must be an integer, not {v}"))
+    };
+    if x < lo || x > hi {
+        bad(format!("option \"{k}\" = {x} is out of range {lo}..{hi}"));
+    }
+    Some(x)
+}
+
+fn num_opt(m: &Map<String, Value>, k: &str, lo: f64, hi: f64) -> Option<f64> {
+    let v = m.get(k)?;
+    let Some(x) = v.as_f64() else {
+        bad(format!("option \"{k}\" must be a number, not {v}"))
+    };
+    if !(x >= lo && x <= hi) {
+        bad(format!("option \"{k}\" = {x} is out of range {lo}..{hi}"));
+    }
+    Some(x)
+}
+
+fn str_opt<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    let v = m.get(k)?;
+    match v.as_str() {
+        Some(s) => Some(s),
+        None => bad(format!("option \"{k}\" must be a string, not {v}")),
+    }
+}
+
+pub(crate) fn parse_options(v: &Value) -> Options {
+    let Some(m) = v.as_object() else {
+        bad(format!("options must be a JSON object, not {v}"))
+    };
+    if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        bad(format!("unknown option \"{k}\""));
+    }
+    if let Some(d) = num_opt(m, "dropout", 0.0, 1.0) {
+        if d != 0.0 {
+            bad(format!("option \"dropout\" = {d} is not supported: exceiver trains without dropout, as the published models (dropout 0.0)"));
+        }
+    }
+    let preset = str_opt(m, "preset").unwrap_or("published").to_string();
+    if !matches!(preset.as_str(), "published" | "small") {
+        bad(format!(
+            "option \"preset\" must be \"published\" or \"small\", not \"{preset}\""
+        ));
+    }
+    let attention = match str_opt(m, "attention").unwrap_or("reference") {
+        "reference" => AttentionMode::Reference,
+        "expressed_only" => AttentionMode::ExpressedOnly,
+        other => bad(format!(
+            "option \"attention\" must be \"reference\" or \"expressed_only\", not \"{other}\""
+        )),
+    };
+    let u = |k: &str, lo: i64, hi: i64| int_opt(m, k, lo, hi).map(|x| x as usize);
+    Options {
+        seq_dim: u("seq_dim", 1, 1024),
+        query_len: u("query_len", 1, 4096),
+        query_dim: u("query_dim", 1, 1024),
+        num_layers: u("num_layers", 0, 64),
+        nhead: u("nhead", 1, 64),
+        dim_feedforward: u("dim_feedforward", 1, 65536),
+        learning_rate: num_opt(m, "learning_rate", 1e-12, 10.0).unwrap_or(3e-4),
+        weight_decay: num_opt(m, "weight_decay", 0.0, 1.0).unwrap_or(1e-5),
+        warmup_steps: int_opt(m, "warmup_steps", 0, 1_000_000_000).unwrap_or(500) as u64,
+        batch_size: u("batch_size", 1, 65536).unwrap_or(64),
+        frac: num_opt(m, "frac", 1e-9, 1.0).unwrap_or(0.15),
+        epochs: u("epochs", 1, 100_000).unwrap_or(10),
+        val_fraction: num_opt(m, "val_fraction", 0.0, 0.9).unwrap_or(0.1),
+        patience: u("patience", 1, 100_000).unwrap_or(3),
+        seed: int_opt(m, "seed", 0, i64::MAX).unwrap_or(0) as u64,
+        min_cells: int_opt(m, "min_cells", 1, i64::MAX).unwrap_or(3),
+        max_cells: int_opt(m, "max_cells", 1, i64::MAX),
+        attention,
+        parent: str_opt(m, "parent").map(str::to_string),
+        progress_every: int_opt(m, "progress_every", 1, i64::MAX).unwrap_or(50) as u64,
+        label_fraction: num_opt(m, "label_fraction", 1e-6, 1.0).unwrap_or(1.0),
+        init_random: match str_opt(m, "init").unwrap_or("pretrained") {
+            "pretrained" => false,
+            "random" => true,
+            other => bad(format!(
+                "option \"init\" must be \"pretrained\" or \"random\", not \"{other}\""
+            )),
+        },
+        preset,
+    }
+}
+
+/// The model shape: the preset, then explicit options.
+fn config_for(o: &Options, n_genes: usize) -> Config {
+    let mut c = match o.preset.as_str() {
+        "small" => Config::small(n_genes),
+        _ => Config {
+            seq_len: n_genes,
+            ..Config::published_exceiver()
+        },
+    };
+    if let Some(d) = o.seq_dim {
+        c.seq_dim = d;
+        c.query_dim = d;
+    }
+    if let Some(d) = o.query_dim {
+        c.query_dim = d;
+    }
+    if let Some(x) = o.query_len {
+        c.query_len = x;
+    }
+    if let Some(x) = o.num_layers {
+        c.num_layers = x;
+    }
+    if let Some(x) = o.nhead {
+        c.nhead = x;
+    }
+    if let Some(x) = o.dim_feedforward {
+        c.dim_feedforward = x;
+    }
+    c.attention = o.attention;
+    c.num_classes = None;
+    if c.seq_dim != c.query_dim {
+        bad(format!(
+            "seq_dim ({}) and query_dim ({}) must be equal",
+            c.seq_dim, c.query_dim
+        ));
+    }
+    c.validate().or_raise();
+    c
+}
+
+/// One cell as read from the table: vocabulary indices and raw counts of its known,
+/// non-zero genes, its library size over all genes, and its label (finetuning).
+pub(crate) struct RawCell {
+    pub genes: Vec<u32>,
+    pub counts: Vec<f32>,
+    pub total: f64,
+    pub label: Option<String>,
+}
+
+/// Fetch up to `n` rows `(cell_id, genes, counts[, label])` and map genes to the
+/// vocabulary. Rows with NULL arrays are counted in `nulls`; bad values are errors.
+pub(crate) fn fetch_cells(
+    cur: &mut SpiCursor<'_>,
+    n: usize,
+    vocab: &HashMap<String, u32>,
+    with_label: bool,
+    nulls: &mut u64,
+) -> Result<Vec<RawCell>, SpiError> {
+    let t = cur.fetch(n as _)?;
+    let mut out = Vec::with_capacity(t.len());
+    for r in t {
+        let id: String = r.get(1)?.unwrap_or_default();
+        let genes: Option<Array<&str>> = r.get(2)?;
+        let counts: Option<Array<f32>> = r.get(3)?;
+        let label: Option<String> = if with_label { r.get(4)? } else { None };
+        let (Some(genes), Some(counts)) = (genes, counts) else {
+            *nulls += 1;
+            continue;
+        };
+        if genes.len() != counts.len() {
+            raise(Error::shape(format!(
+                "cell \"{id}\": genes has {} elements but counts has {}",
+                genes.len(),
+                counts.len()
+            )));
+        }
+        let mut c = RawCell {
+            genes: Vec::new(),
+            counts: Vec::new(),
+            total: 0.0,
+            label,
+        };
+        for (p, (g, x)) in genes.iter().zip(counts.iter()).enumerate() {
+            let (Some(g), Some(x)) = (g, x) else {
+                raise(Error::new(
+                    Kind::NullValue,
+                    format!("cell \"{id}\": NULL element at position {}", p + 1),
+                ))
+            };
+            if !x.is_finite() || x < 0.0 {
+                raise(Error::data(format!(
+                    "cell \"{id}\": count {x} of gene \"{g}\" is negative or not finite"
+                )));
+            }
+            c.total += x as f64;
+            if x > 0.0 {
+                if let Some(&i) = vocab.get(g) {
+                    c.genes.push(i);
+                    c.counts.push(x);
+                }
+            }
+        }
+        let mut s = c.genes.clone();
+        s.sort_unstable();
+        if s.windows(2).any(|w| w[0] == w[1]) {
+            raise(Error::data(format!(
+                "cell \"{id}\": a gene appears more than once"
+            )));
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// log1p of the library-size normalised counts.
+fn log_norm(c: &RawCell) -> Vec<f32> {
+    c.counts
+        .iter()
+        .map(|&x| log1p32(normalize_count(x, c.total)))
+        .collect()
+}
+
+/// Model input values of a cell.
+fn model_values(c: &RawCell, scaler: &Scaler) -> Vec<f32> {
+    c.genes
+        .iter()
+        .zip(log_norm(c))
+        .map(|(&g, y)| scaler.value(g as usize, y))
+        .collect()
+}
+
+/// Everything a training run needs to know about its data and model.
+pub(crate) struct Run<'a> {
+    pub model: &'a str,
+    pub rel: String,
+    pub opts: Options,
+    /// Label column for classifier finetuning.
+    pub label_column: Option<String>,
+    pub labels: Vec<String>,
+    pub parent: Option<String>,
+}
+
+pub(crate) struct Outcome {
+    pub epochs: usize,
+    pub steps: u64,
+    pub best_val: f64,
+    pub baseline_val: f64,
+    pub seconds: f64,
+    pub cells_per_s: f64,
+}
+
+fn split_sql(o: &Options) -> String {
+    let cut = (o.val_fraction * 1_000_000.0).round() as i64;
+    format!(
+        "((abs(hashtext(cell_id::text || ':{}')::bigint) % 1000000) < {cut})",
+        o.seed
+    )
+}
+
+/// Train and store model `run.model`. `start` gives the initial config, params,
+/// vocabulary and scaler (None: fit from the data and initialise fresh weights).
+pub(crate) fn run_training(
+    run: &Run,
+    start: Option<(Config, Params, Vec<String>, Scaler)>,
+) -> Outcome {
+    let o = &run.opts;
+    let rel = &run.rel;
+    let is_val = split_sql(o);
+    let limit = o
+        .max_cells
+        .map(|n| format!(" LIMIT {n}"))
+        .unwrap_or_default();
+    let label_sql = run
+        .label_column
+        .as_ref()
+        .map(|c| format!(", {}::text", crate::api::load::quote_ident(c)))
+        .unwrap_or_default();
+    let label_filter = run
+        .label_column
+        .as_ref()
+        .map(|c| {
+            let cut = (o.label_fraction * 1_000_000.0).round() as i64;
+            format!(
+                " AND {} IS NOT NULL AND (abs(hashtext(cell_id::text || ':labels:{}')::bigint) % 1000000) < {cut}",
+                crate::api::load::quote_ident(c),
+                o.seed
+            )
+        })
+        .unwrap_or_default();
+    let train_where = format!("NOT {is_val} AND genes IS NOT NULL{label_filter}");
+    let val_where = format!("{is_val} AND genes IS NOT NULL{label_filter}");
+    let t0 = Instant::now();
+
+    // 1. Vocabulary, scaler and the mask size.
+    let any = Spi::connect(|c| {
+        c.select(
+            &format!("SELECT EXISTS (SELECT 1 FROM {rel})"),
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get::<bool>(1)
+    })
+    .or_raise()
+    .unwrap_or(false);
+    if !any {
+        raise(
+            Error::invalid(format!("table {rel} has no cells"))
+                .with_hint("Load cells first, e.g. with exceiver.load_h5ad()."),
+        );
+    }
+    let fresh = start.is_none();
+    let (mut cfg, init_params, genes, scaler) = match start {
+        Some((c, p, g, s)) => (c, Some(p), g, s),
+        None => {
+            let genes: Vec<String> = Spi::connect(|c| {
+                c.select(
+                    &format!(
+                        "SELECT coalesce(array_agg(g ORDER BY g), '{{}}') FROM (SELECT g FROM \
+                         (SELECT genes FROM {rel} WHERE {train_where}{limit}) t, unnest(genes) g \
+                         GROUP BY g HAVING count(*) >= $1) s"
+                    ),
+                    Some(1),
+                    &[o.min_cells.into()],
+                )?
+                .first()
+                .get::<Vec<String>>(1)
+            })
+            .or_raise()
+            .unwrap_or_default();
+            if genes.is_empty() {
+                raise(
+                    Error::invalid(format!(
+                        "no gene is expressed in at least {} training cells of {rel}",
+                        o.min_cells
+                    ))
+                    .with_hint("Lower the min_cells option, or check that the table has cells."),
+                );
+            }
+            let cfg = config_for(o, genes.len());
+            (cfg, None, genes, Scaler::identity(0))
+        }
+    };
+    let vocab: HashMap<String, u32> = genes
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.clone(), i as u32))
+        .collect();
+    let n_genes = genes.len();
+    let mut fit = ScalerFit::new(n_genes);
+    let mut expr_sum = vec![0.0f64; n_genes];
+    let mut expr_n = vec![0u32; n_genes];
+    let mut nnz: Vec<usize> = Vec::new();
+    let mut train_cells = 0u64;
+    let mut nulls = 0u64;
+    let scan = format!("SELECT cell_id::text, genes, counts::real[]{label_sql} FROM {rel} WHERE {train_where}{limit}");
+    Spi::connect(|c| {
+        let mut cur = c.try_open_cursor(scan.as_str(), &[])?;
+        loop {
+            let cells = fetch_cells(
+                &mut cur,
+                1024,
+                &vocab,
+                run.label_column.is_some(),
+                &mut nulls,
+            )?;
+            if cells.is_empty() {
+                break;
+            }
+            for cell in &cells {
+                let ys = log_norm(cell);
+                if fresh {
+                    fit.add_cell(&cell.genes, &ys).or_raise();
+                }
+                for (&g, &y) in cell.genes.iter().zip(&ys) {
+                    expr_sum[g as usize] += y as f64;
+                    expr_n[g as usize] += 1;
+                }
+                nnz.push(cell.genes.len());
+                train_cells += 1;
+            }
+            check_for_interrupts!();
+        }
+        Ok::<_, SpiError>(())
+    })
+    .or_raise();
+    if train_cells == 0 {
+        raise(
+            Error::invalid(format!("{rel} has no training cells"))
+                .with_hint("The table is empty, or every cell went to validation (val_fraction)."),
+        );
+    }
+    let scaler = if fresh {
+        fit.finish().or_raise()
+    } else {
+        scaler
+    };
+    let n_mask = n_mask_for(o.frac, &nnz);
+    if n_mask == 0 {
+        raise(Error::invalid(format!(
+            "frac {} of the median {} expressed genes per cell masks no gene",
+            o.frac,
+            {
+                let mut v = nnz.clone();
+                v.sort_unstable();
+                v[v.len() / 2]
+            }
+        )));
+    }
+    let too_small = nnz.iter().filter(|&&n| n < n_mask).count();
+    if too_small > 0 {
+        notice!("{too_small} of {train_cells} training cells have fewer than {n_mask} expressed vocabulary genes (the mask size) and are skipped");
+    }
+    // Per-gene mean model value over the training cells where the gene is expressed:
+    // the baseline a model must beat.
+    let baseline: Vec<f32> = (0..n_genes)
+        .map(|g| {
+            if expr_n[g] > 0 {
+                scaler.value(g, (expr_sum[g] / expr_n[g] as f64) as f32)
+            } else {
+                1.0
+            }
+        })
+        .collect();
+
+    // 2. Model and optimiser.
+    if run.label_column.is_some() {
+        cfg.num_classes = Some(run.labels.len());
+    }
+    let params = match init_params {
+        Some(p) => p,
+        None => Params::init(&cfg, o.seed).or_raise(),
+    };
+    let threads = gucs::threads();
+    let topts = TrainOpts {
+        lr: o.learning_rate,
+        weight_decay: o.weight_decay,
+        warmup_steps: o.warmup_steps,
+        threads,
+        ..TrainOpts::default()
+    };
+    let mut trainer = Trainer::new(cfg.clone(), params, scaler.zero_fill(), topts).or_raise();
+    let label_index: HashMap<&str, usize> = run
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let to_train = |cell: &RawCell, rng: &mut Rng| -> Option<TrainCell> {
+        if cell.genes.len() < n_mask {
+            return None;
+        }
+        let label = match (&cell.label, run.label_column.is_some()) {
+            (Some(l), true) => Some(*label_index.get(l.as_str())?),
+            (None, true) => return None,
+            _ => None,
+        };
+        let mask = mask_positions(cell.genes.len(), n_mask, rng).ok()?;
+        Some(TrainCell {
+            genes: cell.genes.clone(),
+            values: model_values(cell, &scaler),
+            mask,
+            label,
+        })
+    };
+
+    // 3. Validation: fixed masks (same seed every pass), also the baseline's MSE.
+    let val_scan = format!("SELECT cell_id::text, genes, counts::real[]{label_sql} FROM {rel} WHERE {val_where} ORDER BY cell_id");
+    let validate = |trainer: &mut Trainer| -> (f64, f64, f64, usize) {
+        let mut rng = Rng::new(o.seed ^ 0x5eed_5eed);
+        let (mut se, mut base_se, mut ce, mut masked, mut cells) =
+            (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+        let mut nulls = 0u64;
+        Spi::connect(|c| {
+            let mut cur = c.try_open_cursor(val_scan.as_str(), &[])?;
+            loop {
+                let raw = fetch_cells(
+                    &mut cur,
+                    o.batch_size.max(64),
+                    &vocab,
+                    run.label_column.is_some(),
+                    &mut nulls,
+                )?;
+                if raw.is_empty() {
+                    break;
+                }
+                let batch: Vec<TrainCell> =
+                    raw.iter().filter_map(|c| to_train(c, &mut rng)).collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                let s: StepStats = trainer.eval_stats(&batch).or_raise();
+                se += s.mse * s.masked as f64;
+                ce += s.ce * s.cells as f64;
+                masked += s.masked;
+                cells += s.cells;
+                for tc in &batch {
+                    for &p in &tc.mask {
+                        let d = (baseline[tc.genes[p] as usize] - tc.values[p]) as f64;
+                        base_se += d * d;
+                    }
+                }
+                check_for_interrupts!();
+            }
+            Ok::<_, SpiError>(())
+        })
+        .or_raise();
+        if masked == 0 {
+            return (f64::NAN, f64::NAN, f64::NAN, 0);
+        }
+        (
+            se / masked as f64,
+            base_se / masked as f64,
+            ce / cells.max(1) as f64,
+            cells,
+        )
+    };
+
+    // 4. Epochs.
+    let steps_per_epoch = ((train_cells as usize - too_small).div_ceil(o.batch_size)).max(1) as u64;
+    let total_steps = steps_per_epoch * o.epochs as u64;
+    notice!(
+        "training \"{}\" on {rel}: {train_cells} training cells, {} genes, {} masked per cell, {} epochs of {steps_per_epoch} steps (batch {}), {} parameters, {threads} threads",
+        run.model, n_genes, n_mask, o.epochs, o.batch_size, trainer.params().num_parameters(&cfg)
+    );
+    let mut history: Vec<Value> = Vec::new();
+    let mut best: Option<(f64, Params)> = None;
+    let mut baseline_val = f64::NAN;
+    let mut bad_epochs = 0usize;
+    let mut step = 0u64;
+    let mut cells_seen = 0u64;
+    let mut epochs_done = 0usize;
+    let train_t0 = Instant::now();
+    let mut train_time = 0.0f64;
+    for epoch in 0..o.epochs {
+        let order = format!(
+            "SELECT cell_id::text, genes, counts::real[]{label_sql} FROM (SELECT * FROM {rel} WHERE {train_where}{limit}) t \
+             ORDER BY md5(cell_id::text || ':{}:{epoch}')",
+            o.seed
+        );
+        let mut rng = Rng::new(
+            o.seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(epoch as u64 + 1),
+        );
+        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+        Spi::connect(|c| {
+            let mut cur = c.try_open_cursor(order.as_str(), &[])?;
+            let mut nulls = 0u64;
+            loop {
+                let raw = fetch_cells(&mut cur, o.batch_size, &vocab, run.label_column.is_some(), &mut nulls)?;
+                if raw.is_empty() {
+                    break;
+                }
+                let batch: Vec<TrainCell> = raw.iter().filter_map(|c| to_train(c, &mut rng)).collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                let ts = Instant::now();
+                let s = trainer.train_step(&batch).or_raise();
+                train_time += ts.elapsed().as_secs_f64();
+                step += 1;
+                cells_seen += batch.len() as u64;
+                loss_sum += s.loss * batch.len() as f64;
+                loss_n += batch.len();
+                check_for_interrupts!();
+                if step % o.progress_every == 0 {
+                    let el = train_t0.elapsed().as_secs_f64();
+                    notice!(
+                        "step {step}/{total_steps} (epoch {}): train loss {:.4}, {:.1} cells/s, about {:.0} s left",
+                        epoch + 1,
+                        loss_sum / loss_n.max(1) as f64,
+                        cells_seen as f64 / el.max(1e-9),
+                        el / step as f64 * (total_steps - step) as f64
+                    );
+                }
+            }
+            Ok::<_, SpiError>(())
+        })
+        .or_raise();
+        let (val_mse, base_mse, val_ce, val_cells) = validate(&mut trainer);
+        baseline_val = base_mse;
+        epochs_done = epoch + 1;
+        let train_loss = loss_sum / loss_n.max(1) as f64;
+        let mut h = json!({"epoch": epoch + 1, "step": step, "train_loss": train_loss,
+                           "seconds": train_t0.elapsed().as_secs_f64()});
+        if val_cells > 0 {
+            h["val_mse"] = json!(val_mse);
+            if run.label_column.is_some() {
+                h["val_ce"] = json!(val_ce);
+            }
+        }
+        history.push(h);
+        let score = if run.label_column.is_some() {
+            val_mse + val_ce
+        } else {
+            val_mse
+        };
+        notice!(
+            "epoch {}/{}: train loss {train_loss:.4}, validation MSE {val_mse:.4} (per-gene mean baseline {base_mse:.4}){}, {:.1} cells/s",
+            epoch + 1,
+            o.epochs,
+            if run.label_column.is_some() { format!(", validation CE {val_ce:.4}") } else { String::new() },
+            cells_seen as f64 / train_t0.elapsed().as_secs_f64().max(1e-9)
+        );
+        if val_cells == 0 {
+            // no validation cells: keep the latest weights
+            best = Some((train_loss, trainer.params().clone()));
+            continue;
+        }
+        if best.as_ref().is_none_or(|(b, _)| score < *b) {
+            best = Some((score, trainer.params().clone()));
+            bad_epochs = 0;
+        } else {
+            bad_epochs += 1;
+            if bad_epochs >= o.patience {
+                notice!(
+                    "early stop: validation did not improve for {} epochs",
+                    o.patience
+                );
+                break;
+            }
+        }
+    }
+    let (best_score, best_params) = best.unwrap_or_else(|| (f64::NAN, trainer.params().clone()));
+    let best_val = history
+        .iter()
+        .filter_map(|h| h.get("val_mse").and_then(Value::as_f64))
+        .fold(f64::INFINITY, f64::min);
+    let seconds = t0.elapsed().as_secs_f64();
+    let cps = cells_seen as f64 / train_time.max(1e-9);
+
+    // 5. Store.
+    let bytes = weights::save_safetensors(&cfg, &best_params, &[]).or_raise();
+    let kind = if cfg.num_classes.is_some() {
+        "classifier"
+    } else {
+        "exceiver"
+    };
+    let metrics = json!({
+        "best_val_mse": if best_val.is_finite() { json!(best_val) } else { Value::Null },
+        "best_val_score": if best_score.is_finite() { json!(best_score) } else { Value::Null },
+        "baseline_val_mse": if baseline_val.is_finite() { json!(baseline_val) } else { Value::Null },
+        "epochs": epochs_done, "steps": step, "train_cells": train_cells, "skipped_cells": too_small,
+        "n_mask": n_mask, "seconds": seconds, "train_cells_per_s": cps, "threads": threads,
+        "options": options_json(o),
+    });
+    let labels: Option<Vec<String>> = run.label_column.as_ref().map(|_| run.labels.clone());
+    Spi::run_with_args(
+        "INSERT INTO exceiver.model_catalog (name, kind, config, genes, scaler_mean, scaler_std, labels, weights, parent, source, metrics, history) \
+         VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12::jsonb)",
+        &[
+            run.model.into(),
+            kind.into(),
+            serde_json::to_string(&cfg).unwrap_or_default().into(),
+            genes.clone().into(),
+            scaler.mean.clone().into(),
+            scaler.scale.clone().into(),
+            labels.into(),
+            bytes.into(),
+            run.parent.clone().into(),
+            format!("{}:{rel}", if run.label_column.is_some() { "finetune" } else { "train" }).into(),
+            metrics.to_string().into(),
+            Value::Array(history).to_string().into(),
+        ],
+    )
+    .or_raise();
+    Outcome {
+        epochs: epochs_done,
+        steps: step,
+        best_val,
+        baseline_val,
+        seconds,
+        cells_per_s: cps,
+    }
+}
+
+fn options_json(o: &Options) -> Value {
+    json!({"preset": o.preset, "learning_rate": o.learning_rate, "weight_decay": o.weight_decay,
+           "warmup_steps": o.warmup_steps, "batch_size": o.batch_size, "frac": o.frac, "epochs": o.epochs,
+           "val_fraction": o.val_fraction, "patience": o.patience, "seed": o.seed, "min_cells": o.min_cells,
+           "max_cells": o.max_cells, "parent": o.parent})
+}
+
+fn check_cell_id(rel: &str) {
+    if column_type(rel, "cell_id").is_none() {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("table {rel} has no column \"cell_id\""),
+            Some("A cell table has columns cell_id text, genes text[] and counts real[] (see exceiver.load_10x)."),
+        );
+    }
+}
+
+/// Train a new model on cell table `source` by masked value prediction (or, with the
+/// option `parent`, continue training an existing model on it) and store it in the
+/// catalog. Options are named after the reference's hyperparameters; see README.
+#[pg_extern(volatile, parallel_unsafe)]
+fn train(
+    model: &str,
+    source: &str,
+    options: default!(JsonB, "'{}'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(model, String),
+        name!(epochs, i32),
+        name!(steps, i64),
+        name!(best_val_mse, Option<f64>),
+        name!(baseline_val_mse, Option<f64>),
+        name!(seconds, f64),
+        name!(cells_per_s, f64),
+    ),
+> {
+    let opts = parse_options(&options.0);
+    check_new_model_name(model);
+    let rel = relation_name(source);
+    check_cell_table(&rel);
+    check_cell_id(&rel);
+    let start = opts.parent.as_ref().map(|p| {
+        for k in ["preset", "seq_dim", "query_len", "query_dim", "num_layers", "nhead", "dim_feedforward", "min_cells"] {
+            if options.0.get(k).is_some() {
+                bad(format!("option \"{k}\" cannot be combined with \"parent\": the model's shape and vocabulary come from the parent"));
+            }
+        }
+        let m = get_model(p);
+        if m.model.config().num_classes.is_some() {
+            raise(Error::invalid(format!("parent \"{p}\" is a classifier; continue training a plain Exceiver model")));
+        }
+        let mut genes: Vec<(String, u32)> = m.vocab.iter().map(|(g, &i)| (g.clone(), i)).collect();
+        genes.sort_by_key(|x| x.1);
+        let mut cfg = m.model.config().clone();
+        cfg.attention = opts.attention;
+        (cfg, m.model.params().clone(), genes.into_iter().map(|x| x.0).collect(), m.scaler.clone())
+    });
+    let run = Run {
+        model,
+        rel,
+        parent: opts.parent.clone(),
+        opts,
+        label_column: None,
+        labels: Vec::new(),
+    };
+    let out = run_training(&run, start);
+    let f = |x: f64| x.is_finite().then_some(x);
+    TableIterator::once((
+        model.to_string(),
+        out.epochs as i32,
+        out.steps as i64,
+        f(out.best_val),
+        f(out.baseline_val),
+        out.seconds,
+        out.cells_per_s,
+    ))
+}
+
+/// Train the classifier variant of `base_model` (class token appended to the decoder
+/// query, class head; loss = masked-value MSE + cross-entropy, as the reference) on the
+/// labels in `label_column` of `source`, and store it as `new_model`. The labels are
+/// stored with the model; `exceiver.classify` predicts them.
+#[pg_extern(volatile, parallel_unsafe)]
+fn finetune(
+    base_model: &str,
+    new_model: &str,
+    source: &str,
+    label_column: &str,
+    options: default!(JsonB, "'{}'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(model, String),
+        name!(classes, i32),
+        name!(epochs, i32),
+        name!(steps, i64),
+        name!(best_val_mse, Option<f64>),
+        name!(seconds, f64),
+        name!(cells_per_s, f64),
+    ),
+> {
+    let opts = parse_options(&options.0);
+    for k in [
+        "preset",
+        "seq_dim",
+        "query_len",
+        "query_dim",
+        "num_layers",
+        "nhead",
+        "dim_feedforward",
+        "min_cells",
+        "parent",
+    ] {
+        if options.0.get(k).is_some() {
+            bad(format!("option \"{k}\" cannot be used with finetune: the model's shape and vocabulary come from the base model"));
+        }
+    }
+    check_new_model_name(new_model);
+    let rel = relation_name(source);
+    check_cell_table(&rel);
+    check_cell_id(&rel);
+    if column_type(&rel, label_column).is_none() {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("table {rel} has no column \"{label_column}\""),
+            None,
+        );
+    }
+    let lc = crate::api::load::quote_ident(label_column);
+    let (labels, nulls): (Option<Vec<String>>, Option<i64>) = Spi::connect(|c| {
+        let t = c
+            .select(
+                &format!(
+                    "SELECT (SELECT array_agg(DISTINCT {lc}::text ORDER BY {lc}::text) FROM {rel} WHERE {lc} IS NOT NULL), \
+                            (SELECT count(*) FROM {rel} WHERE {lc} IS NULL)"
+                ),
+                Some(1),
+                &[],
+            )?
+            .first();
+        Ok::<_, SpiError>((t.get(1)?, t.get(2)?))
+    })
+    .or_raise();
+    let labels = labels.unwrap_or_default();
+    if labels.len() < 2 {
+        raise(Error::invalid(format!(
+            "label column \"{label_column}\" of {rel} has {} distinct labels; a classifier needs at least 2",
+            labels.len()
+        )));
+    }
+    if let Some(n) = nulls.filter(|&n| n > 0) {
+        notice!("{n} cells with a NULL \"{label_column}\" are skipped");
+    }
+    let base = get_model(base_model);
+    let mut cfg = base.model.config().clone();
+    cfg.num_classes = Some(labels.len());
+    cfg.attention = opts.attention;
+    cfg.validate().or_raise();
+    let mut params = Params::init(&cfg, opts.seed).or_raise();
+    if !opts.init_random {
+        let b = base.model.params();
+        let n = b.gene_emb.len().min(params.gene_emb.len());
+        let d = cfg.seq_dim;
+        // rows 0..G and the mask row; a base classifier's class token is not reused
+        let keep = n.min((cfg.seq_len + 1) * d);
+        params.gene_emb[..keep].copy_from_slice(&b.gene_emb[..keep]);
+        params.query_emb = b.query_emb.clone();
+        params.encoder = b.encoder.clone();
+        params.layers = b.layers.clone();
+        params.decoder = b.decoder.clone();
+        params.value_head = b.value_head.clone();
+    }
+    let mut genes: Vec<(String, u32)> = base.vocab.iter().map(|(g, &i)| (g.clone(), i)).collect();
+    genes.sort_by_key(|x| x.1);
+    let start = (
+        cfg,
+        params,
+        genes.into_iter().map(|x| x.0).collect(),
+        base.scaler.clone(),
+    );
+    let run = Run {
+        model: new_model,
+        rel,
+        parent: Some(base_model.to_string()),
+        opts,
+        label_column: Some(label_column.to_string()),
+        labels: labels.clone(),
+    };
+    let out = run_training(&run, Some(start));
+    TableIterator::once((
+        new_model.to_string(),
+        labels.len() as i32,
+        out.epochs as i32,
+        out.steps as i64,
+        out.best_val.is_finite().then_some(out.best_val),
+        out.seconds,
+        out.cells_per_s,
+    ))
+}

@@ -1,0 +1,57 @@
+-- Training in SQL: masked value prediction, fine-tuning, classifier transfer, cancel.
+-- Uses the tables kang and pbmc3k loaded by load.sql. Losses depend on the CPU's
+-- kernels, so this file checks structure and behaviour; learning itself is tested in
+-- the core crate (gradient parity with the reference, loss below the baseline).
+\set VERBOSITY default
+-- progress NOTICEs carry timings
+SET client_min_messages = warning;
+CREATE TABLE kang_small AS SELECT * FROM kang ORDER BY cell_id LIMIT 300;
+SELECT model, epochs, steps, best_val_mse > 0 AS has_val, baseline_val_mse > 0 AS has_baseline
+FROM exceiver.train('tiny', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
+                                           "dim_feedforward": 32, "epochs": 2, "batch_size": 32, "min_cells": 20}');
+RESET client_min_messages;
+SELECT name, kind, n_genes > 100 AS many_genes, embedding_dim, has_scaler, parent, source,
+       jsonb_array_length((SELECT history FROM exceiver.model_catalog WHERE name = 'tiny')) AS history_epochs,
+       metrics ? 'best_val_mse' AND metrics ? 'n_mask' AS has_metrics
+FROM exceiver.models WHERE name = 'tiny';
+-- the trained model embeds cells of another dataset
+SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny', genes, counts))) AS dims
+FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 20) p;
+
+-- continue training on another table: a new model that records its parent
+SET client_min_messages = warning;
+SELECT model, epochs FROM exceiver.train('tiny_ft', 'kang_small', '{"parent": "tiny", "epochs": 1, "batch_size": 32}');
+-- transfer: a classifier for stim, from the pretrained model and from random weights
+SELECT model, classes, epochs FROM exceiver.finetune('tiny', 'tiny_stim', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32}');
+SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_rand', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "init": "random"}');
+RESET client_min_messages;
+SELECT name, kind, parent, labels FROM exceiver.models WHERE name LIKE 'tiny%' ORDER BY name;
+SELECT exceiver.classify('tiny_stim', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
+SELECT count(*) AS labels, round(sum(probability)::numeric, 4) AS total
+FROM (SELECT * FROM kang_small LIMIT 1) k, exceiver.classify_proba('tiny_stim', k.genes, k.counts);
+
+-- bad input
+SELECT * FROM exceiver.train('tiny', 'kang_small');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"epochs": "many"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"epoch": 3}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"learning_rate": -1}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
+SELECT * FROM exceiver.train('x', 'no_such_table');
+CREATE TABLE empty_cells (cell_id text, genes text[], counts real[]);
+SELECT * FROM exceiver.train('x', 'empty_cells');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
+UPDATE kang_small SET stim = 'CTRL';
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
+SELECT count(*) AS no_model_x FROM exceiver.models WHERE name = 'x';
+
+-- cancel: statement_timeout stops training between steps and leaves no model behind
+SET statement_timeout = '1s';
+SELECT * FROM exceiver.train('cancelled', 'kang', '{"preset": "small", "epochs": 50}');
+RESET statement_timeout;
+SELECT count(*) AS no_partial_model FROM exceiver.models WHERE name = 'cancelled';
