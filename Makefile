@@ -21,7 +21,7 @@ RUNAS     := sudo -u $(PGUSER)
 PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-stop psql demo test test-core test-pg test-regress bench fmt
+.PHONY: setup install db db-stop psql demo test test-core test-pg test-regress bench fmt check-access
 
 setup:
 	bash scripts/setup.sh
@@ -41,23 +41,32 @@ db: install
 	@$(PSQL) -d $(DB) -qc "CREATE EXTENSION IF NOT EXISTS exceiver CASCADE"
 	@echo "database '$(DB)' ready: psql -h $(PGHOST) -p $(PGPORT) -U $(PGUSER) $(DB)  (or: make psql)"
 
+# The server (OS user postgres) reads data/ and fixtures/ in tests and the demo: make
+# sure it can, wherever the repository was cloned.
+check-access:
+	@sudo -u $(PGUSER) test -r $(CURDIR)/fixtures/meta.json -a -r $(CURDIR)/data/pbmc3k/barcodes.tsv.gz || { \
+	  d=$(CURDIR); while [ "$$d" != / ]; do chmod o+x "$$d"; d=$$(dirname "$$d"); done; \
+	  chmod -R o+rX $(CURDIR)/data $(CURDIR)/fixtures; \
+	  echo "made data/ and fixtures/ readable by the OS user $(PGUSER), which runs the server"; }
+
 db-stop:
 	@$(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -m fast stop 2>/dev/null || true
 
 psql:
 	$(PSQL) -d $(DB)
 
-demo: db
-	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -f scripts/demo.sql
+demo: db check-access
+	mkdir -p results && chmod 777 results
+	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(CURDIR)/results/demo_results.txt -f scripts/demo.sql
 
 test-core:
 	cargo test -p exceiver-core
 
-test-pg:
+test-pg: check-access
 	mkdir -p $(TESTDATA) && chown $(PGUSER): $(TESTDATA)
 	cargo pgrx test pg15 --runas $(PGUSER) --pgdata $(TESTDATA)/data
 
-test-regress: db
+test-regress: db check-access
 	mkdir -p /tmp/exceiver_regress_10x && chown $(PGUSER): /tmp/exceiver_regress_10x
 	rm -f /tmp/exceiver_regress_bad.*
 	EXCEIVER_DATA=$(CURDIR)/data EXCEIVER_ROOT=$(CURDIR) $(PGXS_DIR)/../test/regress/pg_regress --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
@@ -70,7 +79,7 @@ test: setup
 	$(MAKE) test-regress
 	@echo "make test: all layers passed"
 
-bench: db
+bench: db check-access
 	EXCEIVER_ROOT=$(CURDIR) $(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -f scripts/bench_embed.sql
 
 fmt:

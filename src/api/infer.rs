@@ -151,3 +151,57 @@ $do$;
     name = "gene_embeddings_vector",
     requires = [gene_embedding_arrays]
 );
+
+/// The encoder's attention over a cell's genes: for each latent, its `top_k` genes by
+/// head-averaged attention weight, and the latent's total weight on the cell's
+/// expressed genes (in the reference mode the rest goes to zero-count genes).
+#[pg_extern(stable, parallel_safe, strict)]
+fn encoder_attention(
+    model: &str,
+    genes: Array<&str>,
+    counts: Array<f32>,
+    top_k: default!(i32, 10),
+) -> TableIterator<
+    'static,
+    (
+        name!(latent, i32),
+        name!(rank, i32),
+        name!(gene, String),
+        name!(weight, f32),
+        name!(expressed_mass, f32),
+    ),
+> {
+    if top_k < 1 {
+        raise(Error::invalid(format!(
+            "top_k must be at least 1, not {top_k}"
+        )));
+    }
+    let m = get_model(model);
+    let cell = cell_input(&m, &genes, &counts);
+    let a = m
+        .model
+        .encoder_attention(&cell.genes, &cell.values)
+        .or_raise();
+    let mut names = vec![String::new(); m.vocab.len()];
+    for (g, &i) in &m.vocab {
+        names[i as usize] = g.clone();
+    }
+    let mut rows = Vec::with_capacity(a.n_latents * top_k as usize);
+    let mut order: Vec<usize> = Vec::with_capacity(a.n_entries);
+    for i in 0..a.n_latents {
+        let w = &a.weights[i * a.n_entries..(i + 1) * a.n_entries];
+        order.clear();
+        order.extend(0..a.n_entries);
+        order.sort_by(|&x, &y| w[y].total_cmp(&w[x]).then(x.cmp(&y)));
+        for (r, &e) in order.iter().take(top_k as usize).enumerate() {
+            rows.push((
+                i as i32,
+                r as i32 + 1,
+                names[cell.genes[e] as usize].clone(),
+                w[e],
+                a.expressed_mass[i],
+            ));
+        }
+    }
+    TableIterator::new(rows)
+}

@@ -46,7 +46,8 @@ pub(crate) struct Options {
     pub seed: u64,
     pub min_cells: i64,
     pub max_cells: Option<i64>,
-    pub attention: AttentionMode,
+    /// None: `reference` for a new model, the base model's mode otherwise.
+    pub attention: Option<AttentionMode>,
     pub parent: Option<String>,
     pub progress_every: u64,
     /// Finetuning only: the fraction of labelled cells used (hash of cell_id).
@@ -137,13 +138,13 @@ pub(crate) fn parse_options(v: &Value) -> Options {
             "option \"preset\" must be \"published\" or \"small\", not \"{preset}\""
         ));
     }
-    let attention = match str_opt(m, "attention").unwrap_or("reference") {
+    let attention = str_opt(m, "attention").map(|a| match a {
         "reference" => AttentionMode::Reference,
         "expressed_only" => AttentionMode::ExpressedOnly,
         other => bad(format!(
             "option \"attention\" must be \"reference\" or \"expressed_only\", not \"{other}\""
         )),
-    };
+    });
     let u = |k: &str, lo: i64, hi: i64| int_opt(m, k, lo, hi).map(|x| x as usize);
     Options {
         seq_dim: u("seq_dim", 1, 1024),
@@ -157,7 +158,7 @@ pub(crate) fn parse_options(v: &Value) -> Options {
         warmup_steps: int_opt(m, "warmup_steps", 0, 1_000_000_000).unwrap_or(500) as u64,
         batch_size: u("batch_size", 1, 65536).unwrap_or(64),
         frac: num_opt(m, "frac", 1e-9, 1.0).unwrap_or(0.15),
-        epochs: u("epochs", 1, 100_000).unwrap_or(10),
+        epochs: u("epochs", 0, 100_000).unwrap_or(10),
         val_fraction: num_opt(m, "val_fraction", 0.0, 0.9).unwrap_or(0.1),
         patience: u("patience", 1, 100_000).unwrap_or(3),
         seed: int_opt(m, "seed", 0, i64::MAX).unwrap_or(0) as u64,
@@ -206,7 +207,7 @@ fn config_for(o: &Options, n_genes: usize) -> Config {
     if let Some(x) = o.dim_feedforward {
         c.dim_feedforward = x;
     }
-    c.attention = o.attention;
+    c.attention = o.attention.unwrap_or(AttentionMode::Reference);
     c.num_classes = None;
     if c.seq_dim != c.query_dim {
         bad(format!(
@@ -810,7 +811,9 @@ fn train(
         let mut genes: Vec<(String, u32)> = m.vocab.iter().map(|(g, &i)| (g.clone(), i)).collect();
         genes.sort_by_key(|x| x.1);
         let mut cfg = m.model.config().clone();
-        cfg.attention = opts.attention;
+        if let Some(a) = opts.attention {
+            cfg.attention = a;
+        }
         (cfg, m.model.params().clone(), genes.into_iter().map(|x| x.0).collect(), m.scaler.clone())
     });
     let run = Run {
@@ -912,7 +915,9 @@ fn finetune(
     let base = get_model(base_model);
     let mut cfg = base.model.config().clone();
     cfg.num_classes = Some(labels.len());
-    cfg.attention = opts.attention;
+    if let Some(a) = opts.attention {
+        cfg.attention = a;
+    }
     cfg.validate().or_raise();
     let mut params = Params::init(&cfg, opts.seed).or_raise();
     if !opts.init_random {

@@ -39,6 +39,13 @@ SELECT (SELECT array_agg(round(x::numeric, 3)) FROM unnest(
   exceiver.predict_expression('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[], ARRAY['G1','G7','G100'])) x) AS model_scale;
 SELECT cardinality(exceiver.predict_expression('ts', ARRAY['G1'], ARRAY[3]::real[], ARRAY['G1','G2'], scale => 'log1p')) AS n;
 
+-- which genes each latent attends to (head-averaged encoder attention), top 2 per latent
+SELECT latent, rank, gene, round((weight * 1e6)::numeric, 1) AS weight_ppm, round((expressed_mass * 1e6)::numeric, 1) AS expressed_mass_ppm
+FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[], top_k => 2)
+WHERE latent < 2 ORDER BY latent, rank;
+SELECT count(*) FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]);
+SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 0);
+
 -- the published classifier (24 tissue classes, names unpublished: class_0..class_23)
 SELECT exceiver.classify('ts_clf', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]) LIKE 'class_%' AS is_label;
 SELECT count(*), round(sum(probability)::numeric, 4) AS total FROM exceiver.classify_proba('ts_clf', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]);

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod dense;
 pub mod forward;
+pub mod interpret;
 pub mod kernels;
 pub mod nn;
 pub mod rng;
