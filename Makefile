@@ -35,7 +35,8 @@ db: install
 	  $(RUNAS) $(PGBIN)/initdb -D $(PGDATA) -U $(PGUSER) --auth=trust -E UTF8 --no-locale >/dev/null; fi
 	@if ! $(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) status >/dev/null 2>&1; then \
 	  $(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -l $(PGDATA)/server.log -w \
-	    -o "-p $(PGPORT) -k $(PGHOST) -c listen_addresses=''" start >/dev/null; fi
+	    -o "-p $(PGPORT) -k $(PGHOST) -c listen_addresses=''" start >/dev/null || { \
+	    tail -3 $(PGDATA)/server.log; echo "make db: the server did not start (is port $(PGPORT) taken? make db PGPORT=...)"; exit 1; }; fi
 	@$(PSQL) -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$(DB)'" | grep -q 1 || \
 	  $(PSQL) -d postgres -qc "CREATE DATABASE $(DB)"
 	@$(PSQL) -d $(DB) -qc "CREATE EXTENSION IF NOT EXISTS exceiver CASCADE"

@@ -9,11 +9,11 @@
 \pset footer off
 \if :{?train_opts}
 \else
-  \set train_opts '{"preset": "small", "epochs": 4, "learning_rate": 0.001, "warmup_steps": 50, "attention": "expressed_only"}'
+  \set train_opts '{"preset": "small"}'
 \endif
 \if :{?ft_opts}
 \else
-  \set ft_opts '{"epochs": 2, "learning_rate": 0.001, "warmup_steps": 20}'
+  \set ft_opts '{"epochs": 2, "learning_rate": 0.003, "warmup_steps": 10}'
 \endif
 SET client_min_messages = notice;
 DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, demo_results;

@@ -41,7 +41,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), detail: None, hint: None }
+        Error {
+            kind,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(Kind::InvalidParameter, message)
@@ -79,8 +84,12 @@ impl Error {
             _ => Kind::Io,
         };
         let msg = match e.kind() {
-            std::io::ErrorKind::NotFound => format!("could not open file \"{}\": no such file", path.display()),
-            std::io::ErrorKind::UnexpectedEof => format!("file \"{}\" is truncated", path.display()),
+            std::io::ErrorKind::NotFound => {
+                format!("could not open file \"{}\": no such file", path.display())
+            }
+            std::io::ErrorKind::UnexpectedEof => {
+                format!("file \"{}\" is truncated", path.display())
+            }
             _ => format!("could not read file \"{}\": {e}", path.display()),
         };
         Error::new(kind, msg)

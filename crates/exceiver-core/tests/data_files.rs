@@ -19,12 +19,19 @@ fn vs(s: &str) -> VarLenUnicode {
 }
 
 fn str_attr(loc: &hdf5::Location, name: &str, v: &str) {
-    loc.new_attr::<VarLenUnicode>().create(name).unwrap().write_scalar(&vs(v)).unwrap();
+    loc.new_attr::<VarLenUnicode>()
+        .create(name)
+        .unwrap()
+        .write_scalar(&vs(v))
+        .unwrap();
 }
 
 fn str_ds(g: &hdf5::Group, name: &str, v: &[&str]) -> hdf5::Dataset {
     let data: Vec<VarLenUnicode> = v.iter().map(|s| vs(s)).collect();
-    g.new_dataset_builder().with_data(&data).create(name).unwrap()
+    g.new_dataset_builder()
+        .with_data(&data)
+        .create(name)
+        .unwrap()
 }
 
 // 3 cells × 4 genes:
@@ -50,17 +57,29 @@ fn write_h5ad(path: &Path, layout: XLayout, old_obs: bool, gzip: bool) {
     if old_obs {
         let cats = obs.create_group("__categories").unwrap();
         str_ds(&cats, "kind", &["T", "B"]);
-        obs.new_dataset_builder().with_data(&[0i8, -1, 1]).create("kind").unwrap();
+        obs.new_dataset_builder()
+            .with_data(&[0i8, -1, 1])
+            .create("kind")
+            .unwrap();
     } else {
         str_attr(&obs, "encoding-type", "dataframe");
         let col_order: Vec<VarLenUnicode> = vec![vs("kind"), vs("n_counts")];
-        obs.new_attr_builder().with_data(&col_order).create("column-order").unwrap();
+        obs.new_attr_builder()
+            .with_data(&col_order)
+            .create("column-order")
+            .unwrap();
         let g = obs.create_group("kind").unwrap();
         str_attr(&g, "encoding-type", "categorical");
         str_ds(&g, "categories", &["T", "B"]);
-        g.new_dataset_builder().with_data(&[0i8, -1, 1]).create("codes").unwrap();
+        g.new_dataset_builder()
+            .with_data(&[0i8, -1, 1])
+            .create("codes")
+            .unwrap();
     }
-    obs.new_dataset_builder().with_data(&[3.0f64, 0.0, 7.5]).create("n_counts").unwrap();
+    obs.new_dataset_builder()
+        .with_data(&[3.0f64, 0.0, 7.5])
+        .create("n_counts")
+        .unwrap();
     // var
     let var = f.create_group("var").unwrap();
     str_attr(&var, "_index", "_index");
@@ -78,7 +97,11 @@ fn write_h5ad(path: &Path, layout: XLayout, old_obs: bool, gzip: bool) {
         _ => {
             let x = f.create_group("X").unwrap();
             let (ptr, idx, val): (Vec<i32>, Vec<i32>, Vec<f32>) = if layout == XLayout::Csc {
-                (vec![0, 1, 2, 3, 4], vec![0, 2, 0, 2], vec![1.0, 3.5, 2.0, 4.0])
+                (
+                    vec![0, 1, 2, 3, 4],
+                    vec![0, 2, 0, 2],
+                    vec![1.0, 3.5, 2.0, 4.0],
+                )
             } else {
                 (vec![0, 2, 2, 4], vec![0, 2, 1, 3], vec![1.0, 2.0, 3.5, 4.0])
             };
@@ -88,10 +111,16 @@ fn write_h5ad(path: &Path, layout: XLayout, old_obs: bool, gzip: bool) {
             };
             if layout == XLayout::OldCsr {
                 str_attr(&x, "h5sparse_format", "csr");
-                x.new_attr_builder().with_data(&[3i64, 4]).create("h5sparse_shape").unwrap();
+                x.new_attr_builder()
+                    .with_data(&[3i64, 4])
+                    .create("h5sparse_shape")
+                    .unwrap();
             } else {
                 str_attr(&x, "encoding-type", enc);
-                x.new_attr_builder().with_data(&[3i64, 4]).create("shape").unwrap();
+                x.new_attr_builder()
+                    .with_data(&[3i64, 4])
+                    .create("shape")
+                    .unwrap();
             }
             let w = |name: &str, d: &[f32]| {
                 let b = x.new_dataset::<f32>().shape(d.len());
@@ -99,8 +128,14 @@ fn write_h5ad(path: &Path, layout: XLayout, old_obs: bool, gzip: bool) {
                 b.create(name).unwrap().write_raw(d).unwrap();
             };
             w("data", &val);
-            x.new_dataset_builder().with_data(&idx).create("indices").unwrap();
-            x.new_dataset_builder().with_data(&ptr).create("indptr").unwrap();
+            x.new_dataset_builder()
+                .with_data(&idx)
+                .create("indices")
+                .unwrap();
+            x.new_dataset_builder()
+                .with_data(&ptr)
+                .create("indptr")
+                .unwrap();
         }
     }
 }
@@ -117,9 +152,15 @@ fn check_small(m: &exceiver_core::data::CellMatrix) {
     assert_eq!(m.indices, [0, 2, 1, 3]);
     assert_eq!(m.data, [1.0, 2.0, 3.5, 4.0]);
     let kind = m.obs.iter().find(|c| c.name == "kind").unwrap();
-    assert_eq!(kind.values, ObsValues::Text(vec![Some("T".into()), None, Some("B".into())]));
+    assert_eq!(
+        kind.values,
+        ObsValues::Text(vec![Some("T".into()), None, Some("B".into())])
+    );
     let n = m.obs.iter().find(|c| c.name == "n_counts").unwrap();
-    assert_eq!(n.values, ObsValues::Float(vec![Some(3.0), Some(0.0), Some(7.5)]));
+    assert_eq!(
+        n.values,
+        ObsValues::Float(vec![Some(3.0), Some(0.0), Some(7.5)])
+    );
 }
 
 #[test]
@@ -170,12 +211,19 @@ fn h5ad_errors() {
     let e = h5ad::read(&p).unwrap_err();
     assert!(e.message.contains("no X"), "{e}");
     // negative, NaN and infinite counts; non-integer counts are fine
-    for (bad, want) in [(-1.0f32, "negative count"), (f32::NAN, "not finite"), (f32::INFINITY, "not finite")] {
+    for (bad, want) in [
+        (-1.0f32, "negative count"),
+        (f32::NAN, "not finite"),
+        (f32::INFINITY, "not finite"),
+    ] {
         let p = d.join("bad.h5ad");
         write_h5ad(&p, XLayout::Csr, false, false);
         {
             let f = hdf5::File::open_rw(&p).unwrap();
-            f.dataset("X/data").unwrap().write_raw(&[1.0f32, bad, 3.5, 4.0]).unwrap();
+            f.dataset("X/data")
+                .unwrap()
+                .write_raw(&[1.0f32, bad, 3.5, 4.0])
+                .unwrap();
         }
         let e = h5ad::read(&p).unwrap_err();
         assert_eq!(e.kind, Kind::Data, "{e}");
@@ -188,7 +236,10 @@ fn h5ad_errors() {
         let f = hdf5::File::open_rw(&p).unwrap();
         let x = f.group("X").unwrap();
         x.delete_attr("shape").unwrap();
-        x.new_attr_builder().with_data(&[3i64, 5]).create("shape").unwrap();
+        x.new_attr_builder()
+            .with_data(&[3i64, 5])
+            .create("shape")
+            .unwrap();
     }
     let e = h5ad::read(&p).unwrap_err();
     assert!(e.message.contains("X has shape [3, 5]"), "{e}");
@@ -197,10 +248,16 @@ fn h5ad_errors() {
     write_h5ad(&p, XLayout::Csr, false, false);
     {
         let f = hdf5::File::open_rw(&p).unwrap();
-        f.dataset("X/indices").unwrap().write_raw(&[0i32, 2, 1, 9]).unwrap();
+        f.dataset("X/indices")
+            .unwrap()
+            .write_raw(&[0i32, 2, 1, 9])
+            .unwrap();
     }
     let e = h5ad::read(&p).unwrap_err();
-    assert!(e.message.contains("gene index 9 out of range for 4 genes"), "{e}");
+    assert!(
+        e.message.contains("gene index 9 out of range for 4 genes"),
+        "{e}"
+    );
     // duplicate barcodes
     let p = d.join("dup.h5ad");
     write_h5ad(&p, XLayout::Csr, false, false);
@@ -239,12 +296,25 @@ fn tenx_folders() {
     // Cell Ranger 2: genes.tsv, 4 genes
     let d = tmp("cr2");
     write_10x(&d, false, "%%MatrixMarket matrix coordinate integer general\n%\n4 3 4\n1 1 1\n3 1 2\n2 3 3.5\n4 3 4\n");
-    std::fs::write(d.join("annotations.tsv"), "barcode\tkind\tscore\nc2\tB\t2\nc0\tT\t1\n").unwrap();
+    std::fs::write(
+        d.join("annotations.tsv"),
+        "barcode\tkind\tscore\nc2\tB\t2\nc0\tT\t1\n",
+    )
+    .unwrap();
     let m = tenx::read(&d).unwrap();
     assert_eq!(m.genes, ["A", "B", "A-1", "D"]);
-    assert_eq!((m.indptr.clone(), m.indices.clone(), m.data.clone()), (vec![0, 2, 2, 4], vec![0, 2, 1, 3], vec![1.0, 2.0, 3.5, 4.0]));
-    assert_eq!(m.obs[0].values, ObsValues::Text(vec![Some("T".into()), None, Some("B".into())]));
-    assert_eq!(m.obs[1].values, ObsValues::Int(vec![Some(1), None, Some(2)]));
+    assert_eq!(
+        (m.indptr.clone(), m.indices.clone(), m.data.clone()),
+        (vec![0, 2, 2, 4], vec![0, 2, 1, 3], vec![1.0, 2.0, 3.5, 4.0])
+    );
+    assert_eq!(
+        m.obs[0].values,
+        ObsValues::Text(vec![Some("T".into()), None, Some("B".into())])
+    );
+    assert_eq!(
+        m.obs[1].values,
+        ObsValues::Int(vec![Some(1), None, Some(2)])
+    );
     // Cell Ranger 3: features.tsv with an antibody row that must be dropped
     let d = tmp("cr3");
     write_10x(&d, true, "%%MatrixMarket matrix coordinate integer general\n5 3 5\n1 1 1\n4 1 2\n3 1 99\n2 3 3.5\n5 3 4\n");
@@ -262,30 +332,59 @@ fn tenx_errors() {
     assert_eq!(e.kind, Kind::FileNotFound, "{e}");
     // rows disagree with genes.tsv
     let d = tmp("cr-dims");
-    write_10x(&d, false, "%%MatrixMarket matrix coordinate integer general\n5 3 1\n1 1 1\n");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n5 3 1\n1 1 1\n",
+    );
     let e = tenx::read(&d).unwrap_err();
-    assert!(e.message.contains("has 5 rows but") && e.message.contains("lists 4 features"), "{e}");
+    assert!(
+        e.message.contains("has 5 rows but") && e.message.contains("lists 4 features"),
+        "{e}"
+    );
     // columns disagree with barcodes
     let d = tmp("cr-cols");
-    write_10x(&d, false, "%%MatrixMarket matrix coordinate integer general\n4 2 1\n1 1 1\n");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 2 1\n1 1 1\n",
+    );
     let e = tenx::read(&d).unwrap_err();
-    assert!(e.message.contains("has 2 columns but") && e.message.contains("lists 3 barcodes"), "{e}");
+    assert!(
+        e.message.contains("has 2 columns but") && e.message.contains("lists 3 barcodes"),
+        "{e}"
+    );
     // truncated gzip stream
     let d = tmp("cr-trunc");
-    write_10x(&d, false, &format!("%%MatrixMarket matrix coordinate integer general\n4 3 300\n{}", "1 1 1\n".repeat(300)));
+    write_10x(
+        &d,
+        false,
+        &format!(
+            "%%MatrixMarket matrix coordinate integer general\n4 3 300\n{}",
+            "1 1 1\n".repeat(300)
+        ),
+    );
     let b = std::fs::read(d.join("matrix.mtx.gz")).unwrap();
     std::fs::write(d.join("matrix.mtx.gz"), &b[..b.len() / 2]).unwrap();
     let e = tenx::read(&d).unwrap_err();
     assert_eq!(e.kind, Kind::FileFormat, "{e}");
     // duplicate barcodes
     let d = tmp("cr-dup");
-    write_10x(&d, false, "%%MatrixMarket matrix coordinate integer general\n4 3 1\n1 1 1\n");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 1\n1 1 1\n",
+    );
     gz(&d.join("barcodes.tsv.gz"), "c0\nc1\nc0\n");
     let e = tenx::read(&d).unwrap_err();
     assert!(e.message.contains("duplicate cell barcode"), "{e}");
     // negative count
     let d = tmp("cr-neg");
-    write_10x(&d, false, "%%MatrixMarket matrix coordinate real general\n4 3 1\n1 1 -3\n");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate real general\n4 3 1\n1 1 -3\n",
+    );
     let e = tenx::read(&d).unwrap_err();
     assert_eq!(e.kind, Kind::Data);
 }
@@ -293,22 +392,53 @@ fn tenx_errors() {
 fn write_10x_h5(path: &Path, v3: bool) {
     let f = hdf5::File::create(path).unwrap();
     let g = f.create_group(if v3 { "matrix" } else { "hg19" }).unwrap();
-    let bc: Vec<hdf5::types::FixedAscii<18>> = CELLS.iter().map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap()).collect();
-    g.new_dataset_builder().with_data(&bc).create("barcodes").unwrap();
-    let names: Vec<hdf5::types::FixedAscii<8>> = GENES.iter().map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap()).collect();
+    let bc: Vec<hdf5::types::FixedAscii<18>> = CELLS
+        .iter()
+        .map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap())
+        .collect();
+    g.new_dataset_builder()
+        .with_data(&bc)
+        .create("barcodes")
+        .unwrap();
+    let names: Vec<hdf5::types::FixedAscii<8>> = GENES
+        .iter()
+        .map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap())
+        .collect();
     if v3 {
         let fg = g.create_group("features").unwrap();
-        fg.new_dataset_builder().with_data(&names).create("name").unwrap();
-        let t: Vec<hdf5::types::FixedAscii<16>> =
-            (0..4).map(|_| hdf5::types::FixedAscii::from_ascii("Gene Expression").unwrap()).collect();
-        fg.new_dataset_builder().with_data(&t).create("feature_type").unwrap();
+        fg.new_dataset_builder()
+            .with_data(&names)
+            .create("name")
+            .unwrap();
+        let t: Vec<hdf5::types::FixedAscii<16>> = (0..4)
+            .map(|_| hdf5::types::FixedAscii::from_ascii("Gene Expression").unwrap())
+            .collect();
+        fg.new_dataset_builder()
+            .with_data(&t)
+            .create("feature_type")
+            .unwrap();
     } else {
-        g.new_dataset_builder().with_data(&names).create("gene_names").unwrap();
+        g.new_dataset_builder()
+            .with_data(&names)
+            .create("gene_names")
+            .unwrap();
     }
-    g.new_dataset_builder().with_data(&[4i64, 3]).create("shape").unwrap();
-    g.new_dataset_builder().with_data(&[1i32, 2, 3, 4]).create("data").unwrap();
-    g.new_dataset_builder().with_data(&[0i64, 2, 1, 3]).create("indices").unwrap();
-    g.new_dataset_builder().with_data(&[0i64, 2, 2, 4]).create("indptr").unwrap();
+    g.new_dataset_builder()
+        .with_data(&[4i64, 3])
+        .create("shape")
+        .unwrap();
+    g.new_dataset_builder()
+        .with_data(&[1i32, 2, 3, 4])
+        .create("data")
+        .unwrap();
+    g.new_dataset_builder()
+        .with_data(&[0i64, 2, 1, 3])
+        .create("indices")
+        .unwrap();
+    g.new_dataset_builder()
+        .with_data(&[0i64, 2, 2, 4])
+        .create("indptr")
+        .unwrap();
 }
 
 #[test]

@@ -10,25 +10,42 @@ fn data(p: &str) -> PathBuf {
 }
 
 fn label_counts(m: &CellMatrix, col: &str) -> BTreeMap<String, usize> {
-    let c = m.obs.iter().find(|c| c.name == col).unwrap_or_else(|| panic!("no column {col}"));
-    let ObsValues::Text(v) = &c.values else { panic!("{col} is not text") };
+    let c = m
+        .obs
+        .iter()
+        .find(|c| c.name == col)
+        .unwrap_or_else(|| panic!("no column {col}"));
+    let ObsValues::Text(v) = &c.values else {
+        panic!("{col} is not text")
+    };
     let mut out = BTreeMap::new();
     for x in v {
-        *out.entry(x.clone().unwrap_or_else(|| "<null>".into())).or_default() += 1;
+        *out.entry(x.clone().unwrap_or_else(|| "<null>".into()))
+            .or_default() += 1;
     }
     out
 }
 
 fn cell_counts(m: &CellMatrix, barcode: &str) -> BTreeMap<String, f32> {
-    let c = m.barcodes.iter().position(|b| b == barcode).expect("barcode");
+    let c = m
+        .barcodes
+        .iter()
+        .position(|b| b == barcode)
+        .expect("barcode");
     let (idx, val) = m.cell(c);
-    idx.iter().zip(val).map(|(&g, &v)| (m.genes[g as usize].clone(), v)).collect()
+    idx.iter()
+        .zip(val)
+        .map(|(&g, &v)| (m.genes[g as usize].clone(), v))
+        .collect()
 }
 
 #[test]
 fn pbmc3k_folder() {
     let m = tenx::read(&data("pbmc3k")).unwrap();
-    assert_eq!((m.n_cells(), m.n_genes(), m.nnz()), (2700, 32738, 2_286_884));
+    assert_eq!(
+        (m.n_cells(), m.n_genes(), m.nnz()),
+        (2700, 32738, 2_286_884)
+    );
     // The file spells the scanpy tutorial's labels out in full ("CD4 T cells").
     let l = label_counts(&m, "louvain_scanpy");
     let want = [
@@ -47,18 +64,32 @@ fn pbmc3k_folder() {
     }
     let s = label_counts(&m, "seurat_annotations");
     assert_eq!(s.len(), 10); // 9 types + null
-    assert_eq!((s["Naive CD4 T"], s["Memory CD4 T"], s["Platelet"], s["<null>"]), (697, 483, 14, 62));
+    assert_eq!(
+        (
+            s["Naive CD4 T"],
+            s["Memory CD4 T"],
+            s["Platelet"],
+            s["<null>"]
+        ),
+        (697, 483, 14, 62)
+    );
     // One known cell, checked against a plain Python parse of matrix.mtx.gz.
     let c = cell_counts(&m, "AAACATACAACCAC-1");
     assert_eq!(c.len(), 781);
     assert_eq!(c.values().map(|&v| v as f64).sum::<f64>(), 2421.0);
-    assert_eq!((c["MALAT1"], c["CD3E"], c["LYZ"], c["RPS27A"], c["FTL"]), (49.0, 2.0, 1.0, 22.0, 12.0));
+    assert_eq!(
+        (c["MALAT1"], c["CD3E"], c["LYZ"], c["RPS27A"], c["FTL"]),
+        (49.0, 2.0, 1.0, 22.0, 12.0)
+    );
 }
 
 #[test]
 fn kang_h5ad() {
     let m = h5ad::read(&data("kang_ifnb/kang_ifnb.h5ad")).unwrap();
-    assert_eq!((m.n_cells(), m.n_genes(), m.nnz()), (13_576, 14_053, 9_456_694));
+    assert_eq!(
+        (m.n_cells(), m.n_genes(), m.nnz()),
+        (13_576, 14_053, 9_456_694)
+    );
     let s = label_counts(&m, "stim");
     assert_eq!((s["CTRL"], s["STIM"]), (6359, 7217));
     let a = label_counts(&m, "seurat_annotations");

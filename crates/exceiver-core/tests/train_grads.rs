@@ -534,3 +534,13 @@ fn bad_cells_are_errors() {
     assert!(tr.train_step(&[]).is_err());
     assert!(mask_positions(3, 4, &mut Rng::new(1)).is_err());
 }
+
+/// A fresh model's value head output bias is set to the mean target; NaN is refused.
+#[test]
+fn value_bias_init_moves_the_starting_prediction() {
+    let cfg = Config::small(40);
+    let mut p = Params::init(&cfg, 7).unwrap();
+    exceiver_core::train::init_value_bias(&mut p, 3.6).unwrap();
+    assert_eq!(p.value_head.linear2.bias, vec![3.6f32]);
+    assert!(exceiver_core::train::init_value_bias(&mut p, f64::NAN).is_err());
+}

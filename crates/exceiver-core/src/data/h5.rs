@@ -10,27 +10,44 @@ use std::path::Path;
 pub(crate) fn open(path: &Path) -> Result<File> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return Err(Error::invalid(format!("\"{}\" is a folder, not an HDF5 file", path.display())));
+        return Err(Error::invalid(format!(
+            "\"{}\" is a folder, not an HDF5 file",
+            path.display()
+        )));
     }
     File::open(path).map_err(|e| {
-        Error::format(format!("\"{}\" is not a readable HDF5 file ({e})", path.display()))
-            .with_hint("The file may be truncated or corrupt, or of another format.")
+        Error::format(format!(
+            "\"{}\" is not a readable HDF5 file ({e})",
+            path.display()
+        ))
+        .with_hint("The file may be truncated or corrupt, or of another format.")
     })
 }
 
 pub(crate) fn is_group(parent: &Group, name: &str) -> bool {
-    parent.link_exists(name) && matches!(parent.loc_type_by_name(name), Ok(hdf5::LocationType::Group))
+    parent.link_exists(name)
+        && matches!(parent.loc_type_by_name(name), Ok(hdf5::LocationType::Group))
 }
 
 pub(crate) fn is_dataset(parent: &Group, name: &str) -> bool {
-    parent.link_exists(name) && matches!(parent.loc_type_by_name(name), Ok(hdf5::LocationType::Dataset))
+    parent.link_exists(name)
+        && matches!(
+            parent.loc_type_by_name(name),
+            Ok(hdf5::LocationType::Dataset)
+        )
 }
 
 pub(crate) fn dataset(parent: &Group, name: &str) -> Result<Dataset> {
     if !is_dataset(parent, name) {
-        return Err(Error::format(format!("missing dataset \"{}/{}\"", parent.name().trim_end_matches('/'), name)));
+        return Err(Error::format(format!(
+            "missing dataset \"{}/{}\"",
+            parent.name().trim_end_matches('/'),
+            name
+        )));
     }
-    parent.dataset(name).map_err(|e| Error::format(format!("cannot open \"{name}\": {e}")))
+    parent
+        .dataset(name)
+        .map_err(|e| Error::format(format!("cannot open \"{name}\": {e}")))
 }
 
 /// Read a dataset as strings, whatever HDF5 string type it uses.
@@ -48,11 +65,23 @@ pub(crate) fn read_strings(ds: &Dataset) -> Result<Vec<String>> {
         }};
     }
     match desc {
-        TypeDescriptor::VarLenUnicode => Ok(ds.read_raw::<VarLenUnicode>().map_err(err)?.iter().map(|s| s.as_str().to_string()).collect()),
-        TypeDescriptor::VarLenAscii => Ok(ds.read_raw::<VarLenAscii>().map_err(err)?.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::VarLenUnicode => Ok(ds
+            .read_raw::<VarLenUnicode>()
+            .map_err(err)?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect()),
+        TypeDescriptor::VarLenAscii => Ok(ds
+            .read_raw::<VarLenAscii>()
+            .map_err(err)?
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect()),
         TypeDescriptor::FixedAscii(n) => fixed!(n, FixedAscii, 16 32 64 128 256 1024 4096),
         TypeDescriptor::FixedUnicode(n) => fixed!(n, FixedUnicode, 16 32 64 128 256 1024 4096),
-        other => Err(Error::format(format!("\"{what}\" holds {other}, not strings"))),
+        other => Err(Error::format(format!(
+            "\"{what}\" holds {other}, not strings"
+        ))),
     }
 }
 
@@ -60,7 +89,10 @@ pub(crate) fn read_strings(ds: &Dataset) -> Result<Vec<String>> {
 pub(crate) fn is_string(ds: &Dataset) -> bool {
     matches!(
         ds.dtype().and_then(|t| t.to_descriptor()),
-        Ok(TypeDescriptor::VarLenUnicode | TypeDescriptor::VarLenAscii | TypeDescriptor::FixedAscii(_) | TypeDescriptor::FixedUnicode(_))
+        Ok(TypeDescriptor::VarLenUnicode
+            | TypeDescriptor::VarLenAscii
+            | TypeDescriptor::FixedAscii(_)
+            | TypeDescriptor::FixedUnicode(_))
     )
 }
 
@@ -73,10 +105,18 @@ pub(crate) fn descriptor(ds: &Dataset) -> Result<TypeDescriptor> {
 /// Read a numeric dataset (any integer or float width) as `T`.
 pub(crate) fn read_num<T: hdf5::H5Type>(ds: &Dataset) -> Result<Vec<T>> {
     match descriptor(ds)? {
-        TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) | TypeDescriptor::Float(_) | TypeDescriptor::Boolean | TypeDescriptor::Enum(_) => ds
-            .read_raw::<T>()
-            .map_err(|e| Error::format(format!("cannot read \"{}\": {e}", ds.name())).with_hint("The file may be truncated or corrupt.")),
-        other => Err(Error::format(format!("\"{}\" holds {other}, not numbers", ds.name()))),
+        TypeDescriptor::Integer(_)
+        | TypeDescriptor::Unsigned(_)
+        | TypeDescriptor::Float(_)
+        | TypeDescriptor::Boolean
+        | TypeDescriptor::Enum(_) => ds.read_raw::<T>().map_err(|e| {
+            Error::format(format!("cannot read \"{}\": {e}", ds.name()))
+                .with_hint("The file may be truncated or corrupt.")
+        }),
+        other => Err(Error::format(format!(
+            "\"{}\" holds {other}, not numbers",
+            ds.name()
+        ))),
     }
 }
 
@@ -85,7 +125,8 @@ pub(crate) fn read_index(ds: &Dataset) -> Result<Vec<usize>> {
     let v = read_num::<i64>(ds)?;
     v.iter()
         .map(|&x| {
-            usize::try_from(x).map_err(|_| Error::format(format!("negative index {x} in \"{}\"", ds.name())))
+            usize::try_from(x)
+                .map_err(|_| Error::format(format!("negative index {x} in \"{}\"", ds.name())))
         })
         .collect()
 }
@@ -95,23 +136,47 @@ pub(crate) fn attr_string(loc: &Location, name: &str) -> Option<String> {
     let a = loc.attr(name).ok()?;
     let desc = a.dtype().ok()?.to_descriptor().ok()?;
     match desc {
-        TypeDescriptor::VarLenUnicode => a.read_scalar::<VarLenUnicode>().ok().map(|s| s.as_str().to_string()),
-        TypeDescriptor::VarLenAscii => a.read_scalar::<VarLenAscii>().ok().map(|s| s.as_str().to_string()),
-        TypeDescriptor::FixedAscii(_) => a.read_scalar::<FixedAscii<1024>>().ok().map(|s| s.as_str().to_string()),
-        TypeDescriptor::FixedUnicode(_) => a.read_scalar::<FixedUnicode<1024>>().ok().map(|s| s.as_str().to_string()),
+        TypeDescriptor::VarLenUnicode => a
+            .read_scalar::<VarLenUnicode>()
+            .ok()
+            .map(|s| s.as_str().to_string()),
+        TypeDescriptor::VarLenAscii => a
+            .read_scalar::<VarLenAscii>()
+            .ok()
+            .map(|s| s.as_str().to_string()),
+        TypeDescriptor::FixedAscii(_) => a
+            .read_scalar::<FixedAscii<1024>>()
+            .ok()
+            .map(|s| s.as_str().to_string()),
+        TypeDescriptor::FixedUnicode(_) => a
+            .read_scalar::<FixedUnicode<1024>>()
+            .ok()
+            .map(|s| s.as_str().to_string()),
         _ => None,
     }
 }
 
 /// A 1-D string-array attribute (e.g. `column-order`); empty if absent.
 pub(crate) fn attr_strings(loc: &Location, name: &str) -> Vec<String> {
-    let Ok(a) = loc.attr(name) else { return Vec::new() };
-    let Ok(desc) = a.dtype().and_then(|t| t.to_descriptor()) else { return Vec::new() };
+    let Ok(a) = loc.attr(name) else {
+        return Vec::new();
+    };
+    let Ok(desc) = a.dtype().and_then(|t| t.to_descriptor()) else {
+        return Vec::new();
+    };
     let r = match desc {
-        TypeDescriptor::VarLenUnicode => a.read_raw::<VarLenUnicode>().map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
-        TypeDescriptor::VarLenAscii => a.read_raw::<VarLenAscii>().map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
-        TypeDescriptor::FixedAscii(_) => a.read_raw::<FixedAscii<1024>>().map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
-        TypeDescriptor::FixedUnicode(_) => a.read_raw::<FixedUnicode<1024>>().map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::VarLenUnicode => a
+            .read_raw::<VarLenUnicode>()
+            .map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::VarLenAscii => a
+            .read_raw::<VarLenAscii>()
+            .map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::FixedAscii(_) => a
+            .read_raw::<FixedAscii<1024>>()
+            .map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
+        TypeDescriptor::FixedUnicode(_) => a
+            .read_raw::<FixedUnicode<1024>>()
+            .map(|v| v.iter().map(|s| s.as_str().to_string()).collect()),
         _ => Ok(Vec::new()),
     };
     r.unwrap_or_default()

@@ -4,7 +4,10 @@
 //! `encoding-type` attributes) and the older one (anndata 0.7, categories under
 //! `obs/__categories`, `h5sparse_format` on `X`) are read.
 
-use super::h5::{self, attr_index, attr_string, attr_strings, dataset, is_dataset, is_group, read_index, read_num, read_strings};
+use super::h5::{
+    self, attr_index, attr_string, attr_strings, dataset, is_dataset, is_group, read_index,
+    read_num, read_strings,
+};
 use super::{from_csr_parts, transpose_compressed, CellMatrix, ObsColumn, ObsValues};
 use crate::error::{Error, Result};
 use hdf5::types::TypeDescriptor;
@@ -24,7 +27,8 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
 fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
     let root: &Group = file;
     if !root.link_exists("X") {
-        return Err(Error::format("the file has no X matrix").with_hint("exceiver reads the count matrix from X; store raw counts there."));
+        return Err(Error::format("the file has no X matrix")
+            .with_hint("exceiver reads the count matrix from X; store raw counts there."));
     }
     if !is_group(root, "obs") || !is_group(root, "var") {
         if is_dataset(root, "obs") {
@@ -41,7 +45,9 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
 
     let mut m = if is_group(root, "X") {
         let x = root.group("X")?;
-        let enc = attr_string(&x, "encoding-type").or_else(|| attr_string(&x, "h5sparse_format")).unwrap_or_default();
+        let enc = attr_string(&x, "encoding-type")
+            .or_else(|| attr_string(&x, "h5sparse_format"))
+            .unwrap_or_default();
         let shape = attr_index(&x, "shape").or_else(|| attr_index(&x, "h5sparse_shape"));
         if let Some(s) = &shape {
             if s.len() != 2 || s[0] != n_obs || s[1] != n_var {
@@ -55,7 +61,9 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
         let indices = read_index(&dataset(&x, "indices")?)?;
         let indptr = read_index(&dataset(&x, "indptr")?)?;
         match enc.as_str() {
-            "csr_matrix" | "csr" => from_csr_parts(barcodes, genes, n_var, None, &indptr, &indices, &data)?,
+            "csr_matrix" | "csr" => {
+                from_csr_parts(barcodes, genes, n_var, None, &indptr, &indices, &data)?
+            }
             "csc_matrix" | "csc" => {
                 if indptr.len() != n_var + 1 {
                     return Err(Error::format(format!(
@@ -73,12 +81,17 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
                     )));
                 }
                 if let Some(j) = indptr.windows(2).position(|w| w[1] < w[0]) {
-                    return Err(Error::format(format!("X (CSC) index pointer decreases at gene {}", j + 1)));
+                    return Err(Error::format(format!(
+                        "X (CSC) index pointer decreases at gene {}",
+                        j + 1
+                    )));
                 }
                 let mut idx32 = Vec::with_capacity(indices.len());
                 for &i in &indices {
                     if i >= n_obs {
-                        return Err(Error::format(format!("cell index {i} out of range for {n_obs} cells in X")));
+                        return Err(Error::format(format!(
+                            "cell index {i} out of range for {n_obs} cells in X"
+                        )));
                     }
                     idx32.push(i as u32);
                 }
@@ -138,7 +151,9 @@ fn read_dense(x: &Dataset, barcodes: Vec<String>, genes: Vec<String>) -> Result<
 fn read_index_names(g: &Group, what: &str) -> Result<Vec<String>> {
     let name = attr_string(g, "_index").unwrap_or_else(|| "_index".to_string());
     if !is_dataset(g, &name) {
-        return Err(Error::format(format!("{what} has no index dataset \"{name}\"")));
+        return Err(Error::format(format!(
+            "{what} has no index dataset \"{name}\""
+        )));
     }
     read_strings(&g.dataset(&name)?).map_err(|e| e.context(format!("{what} index")))
 }
@@ -147,9 +162,17 @@ fn read_obs(obs: &Group, n: usize) -> Result<Vec<ObsColumn>> {
     let index = attr_string(obs, "_index").unwrap_or_else(|| "_index".to_string());
     let mut names = attr_strings(obs, "column-order");
     if names.is_empty() {
-        names = obs.member_names()?.into_iter().filter(|c| *c != index && c != "__categories").collect();
+        names = obs
+            .member_names()?
+            .into_iter()
+            .filter(|c| *c != index && c != "__categories")
+            .collect();
     }
-    let old_cats = if is_group(obs, "__categories") { Some(obs.group("__categories")?) } else { None };
+    let old_cats = if is_group(obs, "__categories") {
+        Some(obs.group("__categories")?)
+    } else {
+        None
+    };
     let mut cols = Vec::new();
     for name in names {
         let values = if is_group(obs, &name) {
@@ -157,7 +180,9 @@ fn read_obs(obs: &Group, n: usize) -> Result<Vec<ObsColumn>> {
             let enc = attr_string(&g, "encoding-type").unwrap_or_default();
             match enc.as_str() {
                 "categorical" => categorical(&dataset(&g, "codes")?, &dataset(&g, "categories")?)?,
-                "nullable-integer" | "nullable-boolean" | "nullable-string-array" => nullable(&g, &enc)?,
+                "nullable-integer" | "nullable-boolean" | "nullable-string-array" => {
+                    nullable(&g, &enc)?
+                }
                 _ => continue, // not a per-cell column we can represent
             }
         } else if is_dataset(obs, &name) {
@@ -173,7 +198,10 @@ fn read_obs(obs: &Group, n: usize) -> Result<Vec<ObsColumn>> {
             continue;
         };
         if values.len() != n {
-            return Err(Error::format(format!("obs column \"{name}\" has {} values for {n} cells", values.len())));
+            return Err(Error::format(format!(
+                "obs column \"{name}\" has {} values for {n} cells",
+                values.len()
+            )));
         }
         cols.push(ObsColumn { name, values });
     }
@@ -184,7 +212,10 @@ fn categorical(codes: &Dataset, cats: &Dataset) -> Result<ObsValues> {
     let labels: Vec<String> = if h5::is_string(cats) {
         read_strings(cats)?
     } else {
-        read_num::<f64>(cats)?.into_iter().map(|x| format_number(x)).collect()
+        read_num::<f64>(cats)?
+            .into_iter()
+            .map(|x| format_number(x))
+            .collect()
     };
     let codes: Vec<i64> = read_num(codes)?;
     let mut out = Vec::with_capacity(codes.len());
@@ -193,7 +224,10 @@ fn categorical(codes: &Dataset, cats: &Dataset) -> Result<ObsValues> {
             out.push(None);
         } else {
             let l = labels.get(c as usize).ok_or_else(|| {
-                Error::format(format!("category code {c} out of range for {} categories", labels.len()))
+                Error::format(format!(
+                    "category code {c} out of range for {} categories",
+                    labels.len()
+                ))
             })?;
             out.push(Some(l.clone()));
         }
@@ -211,20 +245,39 @@ fn format_number(x: f64) -> String {
 
 fn nullable(g: &Group, enc: &str) -> Result<ObsValues> {
     let values = dataset(g, "values")?;
-    let mask: Vec<bool> = if is_dataset(g, "mask") { read_num(&dataset(g, "mask")?)? } else { Vec::new() };
+    let mask: Vec<bool> = if is_dataset(g, "mask") {
+        read_num(&dataset(g, "mask")?)?
+    } else {
+        Vec::new()
+    };
     let missing = |i: usize| mask.get(i).copied().unwrap_or(false);
     Ok(match enc {
         "nullable-boolean" => {
             let v: Vec<bool> = read_num(&values)?;
-            ObsValues::Bool(v.into_iter().enumerate().map(|(i, x)| (!missing(i)).then_some(x)).collect())
+            ObsValues::Bool(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, x)| (!missing(i)).then_some(x))
+                    .collect(),
+            )
         }
         "nullable-string-array" => {
             let v = read_strings(&values)?;
-            ObsValues::Text(v.into_iter().enumerate().map(|(i, x)| (!missing(i)).then_some(x)).collect())
+            ObsValues::Text(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, x)| (!missing(i)).then_some(x))
+                    .collect(),
+            )
         }
         _ => {
             let v: Vec<i64> = read_num(&values)?;
-            ObsValues::Int(v.into_iter().enumerate().map(|(i, x)| (!missing(i)).then_some(x)).collect())
+            ObsValues::Int(
+                v.into_iter()
+                    .enumerate()
+                    .map(|(i, x)| (!missing(i)).then_some(x))
+                    .collect(),
+            )
         }
     })
 }
@@ -234,9 +287,12 @@ fn plain(ds: &Dataset) -> Result<ObsValues> {
         TypeDescriptor::Integer(_) | TypeDescriptor::Unsigned(_) => {
             ObsValues::Int(read_num::<i64>(ds)?.into_iter().map(Some).collect())
         }
-        TypeDescriptor::Float(_) => {
-            ObsValues::Float(read_num::<f64>(ds)?.into_iter().map(|x| (!x.is_nan()).then_some(x)).collect())
-        }
+        TypeDescriptor::Float(_) => ObsValues::Float(
+            read_num::<f64>(ds)?
+                .into_iter()
+                .map(|x| (!x.is_nan()).then_some(x))
+                .collect(),
+        ),
         TypeDescriptor::Boolean | TypeDescriptor::Enum(_) => {
             ObsValues::Bool(read_num::<bool>(ds)?.into_iter().map(Some).collect())
         }

@@ -99,7 +99,10 @@ impl CellMatrix {
                 n + 1
             )));
         }
-        if self.indptr[0] != 0 || self.indptr[n] != self.data.len() || self.indices.len() != self.data.len() {
+        if self.indptr[0] != 0
+            || self.indptr[n] != self.data.len()
+            || self.indices.len() != self.data.len()
+        {
             return Err(Error::format(format!(
                 "sparse matrix is inconsistent: row pointer ends at {}, {} indices, {} values",
                 self.indptr[n],
@@ -150,8 +153,11 @@ impl CellMatrix {
 /// Counts must be finite and non-negative; `what` says where the value was found.
 pub(crate) fn check_count(v: f64, what: impl FnOnce() -> String) -> Result<()> {
     if !v.is_finite() {
-        return Err(Error::data(format!("count {v} is not finite at {}", what()))
-            .with_hint("Counts must be finite numbers; replace NaN or infinite values before loading."));
+        return Err(
+            Error::data(format!("count {v} is not finite at {}", what())).with_hint(
+                "Counts must be finite numbers; replace NaN or infinite values before loading.",
+            ),
+        );
     }
     if v < 0.0 {
         return Err(Error::data(format!("negative count {v} at {}", what()))
@@ -329,7 +335,10 @@ pub(crate) fn from_csr_parts(
     for c in 0..n {
         let (lo, hi) = (indptr[c], indptr[c + 1]);
         if hi < lo || hi > data.len() {
-            return Err(Error::format(format!("index pointer decreases or overruns at cell {}", c + 1)));
+            return Err(Error::format(format!(
+                "index pointer decreases or overruns at cell {}",
+                c + 1
+            )));
         }
         row.clear();
         for k in lo..hi {

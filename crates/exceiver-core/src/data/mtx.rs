@@ -21,8 +21,11 @@ pub struct Triplets {
 
 fn parse_usize(tok: Option<&str>, line_no: usize, what: &str) -> Result<usize> {
     let t = tok.ok_or_else(|| Error::format(format!("line {line_no}: missing {what}")))?;
-    t.parse::<usize>()
-        .map_err(|_| Error::format(format!("line {line_no}: {what} \"{t}\" is not a non-negative integer")))
+    t.parse::<usize>().map_err(|_| {
+        Error::format(format!(
+            "line {line_no}: {what} \"{t}\" is not a non-negative integer"
+        ))
+    })
 }
 
 /// Read a Matrix Market coordinate matrix from `reader`. Zero entries are dropped;
@@ -36,13 +39,21 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
         match reader.read_line(line) {
             Ok(0) => Ok(false),
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(Error::format(format!("file is truncated or its compression is corrupt near line {line_no}")))
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::format(format!(
+                "file is truncated or its compression is corrupt near line {line_no}"
+            ))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::InvalidData
+                    || e.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                Err(Error::format(format!(
+                    "file is corrupt near line {line_no}: {e}"
+                )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::InvalidInput => {
-                Err(Error::format(format!("file is corrupt near line {line_no}: {e}")))
-            }
-            Err(e) => Err(Error::new(crate::Kind::Io, format!("read error near line {line_no}: {e}"))),
+            Err(e) => Err(Error::new(
+                crate::Kind::Io,
+                format!("read error near line {line_no}: {e}"),
+            )),
         }
     };
 
@@ -58,15 +69,25 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
         )));
     }
     if h[2] != "coordinate" {
-        return Err(Error::format(format!("Matrix Market format \"{}\" is not supported (expected coordinate)", h[2])));
+        return Err(Error::format(format!(
+            "Matrix Market format \"{}\" is not supported (expected coordinate)",
+            h[2]
+        )));
     }
     let pattern = match h[3] {
         "integer" | "real" => false,
         "pattern" => true,
-        other => return Err(Error::format(format!("Matrix Market field \"{other}\" is not supported (expected integer or real)"))),
+        other => {
+            return Err(Error::format(format!(
+                "Matrix Market field \"{other}\" is not supported (expected integer or real)"
+            )))
+        }
     };
     if h[4] != "general" {
-        return Err(Error::format(format!("Matrix Market symmetry \"{}\" is not supported (expected general)", h[4])));
+        return Err(Error::format(format!(
+            "Matrix Market symmetry \"{}\" is not supported (expected general)",
+            h[4]
+        )));
     }
 
     // Skip comments, read the size line.
@@ -84,10 +105,15 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
     let cols = parse_usize(it.next(), line_no, "column count")?;
     let entries = parse_usize(it.next(), line_no, "entry count")?;
     if rows > u32::MAX as usize || cols > u32::MAX as usize {
-        return Err(Error::new(crate::Kind::Limit, format!("matrix of {rows} × {cols} is too large")));
+        return Err(Error::new(
+            crate::Kind::Limit,
+            format!("matrix of {rows} × {cols} is too large"),
+        ));
     }
     if rows.checked_mul(cols).map(|n| n < entries).unwrap_or(false) {
-        return Err(Error::format(format!("{entries} entries declared for a {rows} × {cols} matrix")));
+        return Err(Error::format(format!(
+            "{entries} entries declared for a {rows} × {cols} matrix"
+        )));
     }
 
     let cap = entries.min(1 << 28);
@@ -113,10 +139,14 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
         let r = parse_usize(it.next(), line_no, "row index")?;
         let c = parse_usize(it.next(), line_no, "column index")?;
         if r == 0 || r > rows {
-            return Err(Error::format(format!("line {line_no}: row index {r} out of range 1..{rows}")));
+            return Err(Error::format(format!(
+                "line {line_no}: row index {r} out of range 1..{rows}"
+            )));
         }
         if c == 0 || c > cols {
-            return Err(Error::format(format!("line {line_no}: column index {c} out of range 1..{cols}")));
+            return Err(Error::format(format!(
+                "line {line_no}: column index {c} out of range 1..{cols}"
+            )));
         }
         let v: f64 = if pattern {
             1.0
@@ -124,8 +154,9 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
             let tok = it
                 .next()
                 .ok_or_else(|| Error::format(format!("line {line_no}: missing value")))?;
-            tok.parse::<f64>()
-                .map_err(|_| Error::format(format!("line {line_no}: value \"{tok}\" is not a number")))?
+            tok.parse::<f64>().map_err(|_| {
+                Error::format(format!("line {line_no}: value \"{tok}\" is not a number"))
+            })?
         };
         check_count(v, || format!("line {line_no} (row {r}, column {c})"))?;
         read += 1;
@@ -213,21 +244,30 @@ mod tests {
 
     #[test]
     fn bad_files_are_errors_with_numbers() {
-        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 4\n1 1 5\n").unwrap_err();
+        let e =
+            parse("%%MatrixMarket matrix coordinate integer general\n3 2 4\n1 1 5\n").unwrap_err();
         assert!(e.message.contains("truncated: 1 of 4"), "{e}");
-        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n4 1 5\n").unwrap_err();
+        let e =
+            parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n4 1 5\n").unwrap_err();
         assert!(e.message.contains("row index 4 out of range 1..3"), "{e}");
-        let e = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 -2\n").unwrap_err();
+        let e =
+            parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 -2\n").unwrap_err();
         assert!(e.message.contains("negative count -2"), "{e}");
         assert_eq!(e.kind, crate::Kind::Data);
-        let e = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 nan\n").unwrap_err();
+        let e =
+            parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 nan\n").unwrap_err();
         assert!(e.message.contains("not finite"), "{e}");
         let e = parse("hello\n").unwrap_err();
         assert!(e.message.contains("not a Matrix Market file"), "{e}");
-        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n1 1 5\n2 2 1\n").unwrap_err();
+        let e = parse("%%MatrixMarket matrix coordinate integer general\n3 2 1\n1 1 5\n2 2 1\n")
+            .unwrap_err();
         assert!(e.message.contains("more entries"), "{e}");
-        let t = parse("%%MatrixMarket matrix coordinate integer general\n3 2 2\n1 1 5\n1 1 1\n").unwrap();
-        assert!(cells_by_genes(&t).unwrap_err().message.contains("more than once"));
+        let t = parse("%%MatrixMarket matrix coordinate integer general\n3 2 2\n1 1 5\n1 1 1\n")
+            .unwrap();
+        assert!(cells_by_genes(&t)
+            .unwrap_err()
+            .message
+            .contains("more than once"));
         // non-integer counts are valid (ambient-corrected data)
         let t = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 0.25\n").unwrap();
         assert_eq!(t.val, vec![0.25]);

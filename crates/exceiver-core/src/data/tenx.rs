@@ -29,7 +29,10 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
             }
         }
     } else {
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         (read_h5(path)?, dir)
     };
     let ann = dir.join("annotations.tsv");
@@ -58,7 +61,11 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (i, line) in open_text(path)?.lines().enumerate() {
         let line = line.map_err(|e| {
-            Error::format(format!("\"{}\" is truncated or corrupt near line {}: {e}", path.display(), i + 1))
+            Error::format(format!(
+                "\"{}\" is truncated or corrupt near line {}: {e}",
+                path.display(),
+                i + 1
+            ))
         })?;
         if !line.is_empty() {
             out.push(line);
@@ -68,13 +75,34 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
 }
 
 fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
-    let feat_path = find(dir, &["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"]).ok_or_else(|| {
-        Error::new(crate::Kind::FileNotFound, format!("no features.tsv[.gz] or genes.tsv[.gz] in \"{}\"", dir.display()))
+    let feat_path = find(
+        dir,
+        &[
+            "features.tsv.gz",
+            "features.tsv",
+            "genes.tsv.gz",
+            "genes.tsv",
+        ],
+    )
+    .ok_or_else(|| {
+        Error::new(
+            crate::Kind::FileNotFound,
+            format!(
+                "no features.tsv[.gz] or genes.tsv[.gz] in \"{}\"",
+                dir.display()
+            ),
+        )
     })?;
-    let bc_path = find(dir, &["barcodes.tsv.gz", "barcodes.tsv"])
-        .ok_or_else(|| Error::new(crate::Kind::FileNotFound, format!("no barcodes.tsv[.gz] in \"{}\"", dir.display())))?;
-    let barcodes: Vec<String> =
-        read_lines(&bc_path)?.into_iter().map(|l| l.split('\t').next().unwrap_or("").to_string()).collect();
+    let bc_path = find(dir, &["barcodes.tsv.gz", "barcodes.tsv"]).ok_or_else(|| {
+        Error::new(
+            crate::Kind::FileNotFound,
+            format!("no barcodes.tsv[.gz] in \"{}\"", dir.display()),
+        )
+    })?;
+    let barcodes: Vec<String> = read_lines(&bc_path)?
+        .into_iter()
+        .map(|l| l.split('\t').next().unwrap_or("").to_string())
+        .collect();
     let features = read_lines(&feat_path)?;
     let mut ids = Vec::with_capacity(features.len());
     let mut symbols = Vec::with_capacity(features.len());
@@ -85,7 +113,8 @@ fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
         symbols.push(f.get(1).unwrap_or(&f[0]).to_string());
         types.push(f.get(2).map(|s| s.to_string()));
     }
-    let t = mtx::read(open_text(mtx_path)?).map_err(|e| e.context(format!("\"{}\"", mtx_path.display())))?;
+    let t = mtx::read(open_text(mtx_path)?)
+        .map_err(|e| e.context(format!("\"{}\"", mtx_path.display())))?;
     if t.rows != features.len() {
         return Err(Error::format(format!(
             "\"{}\" has {} rows but \"{}\" lists {} features",
@@ -108,11 +137,22 @@ fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
     let (ptr, idx, val) = mtx::cells_by_genes(&t)?;
     drop(t);
     let idx: Vec<usize> = idx.into_iter().map(|x| x as usize).collect();
-    from_csr_parts(barcodes, genes, features.len(), keep.as_deref(), &ptr, &idx, &val)
+    from_csr_parts(
+        barcodes,
+        genes,
+        features.len(),
+        keep.as_deref(),
+        &ptr,
+        &idx,
+        &val,
+    )
 }
 
 /// Keep only "Gene Expression" features when types are given and some are other types.
-fn gene_expression_only(symbols: &[String], types: &[Option<String>]) -> (Option<Vec<Option<u32>>>, Vec<String>) {
+fn gene_expression_only(
+    symbols: &[String],
+    types: &[Option<String>],
+) -> (Option<Vec<Option<u32>>>, Vec<String>) {
     let is_gex = |t: &Option<String>| t.as_deref().is_none_or(|t| t == "Gene Expression");
     if types.iter().all(is_gex) {
         return (None, symbols.to_vec());
@@ -141,17 +181,32 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
         let names = root.member_names().map_err(Error::from)?;
         let genome = names
             .into_iter()
-            .find(|n| is_group(root, n) && root.group(n).map(|g| g.link_exists("indptr")).unwrap_or(false))
-            .ok_or_else(|| ctx(Error::format("not a Cell Ranger matrix file: no \"matrix\" or genome group")))?;
+            .find(|n| {
+                is_group(root, n)
+                    && root
+                        .group(n)
+                        .map(|g| g.link_exists("indptr"))
+                        .unwrap_or(false)
+            })
+            .ok_or_else(|| {
+                ctx(Error::format(
+                    "not a Cell Ranger matrix file: no \"matrix\" or genome group",
+                ))
+            })?;
         (root.group(&genome).map_err(Error::from)?, false)
     };
     (|| {
         let barcodes = read_strings(&dataset(&g, "barcodes")?)?;
         let (symbols, types) = if v3 {
-            let f = g.group("features").map_err(|_| Error::format("missing group \"matrix/features\""))?;
+            let f = g
+                .group("features")
+                .map_err(|_| Error::format("missing group \"matrix/features\""))?;
             let symbols = read_strings(&dataset(&f, "name")?)?;
             let types = if f.link_exists("feature_type") {
-                read_strings(&dataset(&f, "feature_type")?)?.into_iter().map(Some).collect()
+                read_strings(&dataset(&f, "feature_type")?)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
             } else {
                 vec![None; symbols.len()]
             };
@@ -175,7 +230,15 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
         let indptr = read_index(&dataset(&g, "indptr")?)?;
         let n_features = symbols.len();
         let (keep, genes) = gene_expression_only(&symbols, &types);
-        from_csr_parts(barcodes, genes, n_features, keep.as_deref(), &indptr, &indices, &data)
+        from_csr_parts(
+            barcodes,
+            genes,
+            n_features,
+            keep.as_deref(),
+            &indptr,
+            &indices,
+            &data,
+        )
     })()
     .map_err(ctx)
 }
@@ -185,9 +248,19 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
 /// (or numbers) gets that type. Cells absent from the file get NULLs.
 fn read_annotations(path: &Path, barcodes: &[String]) -> Result<Vec<ObsColumn>> {
     let lines = read_lines(path)?;
-    let Some(header) = lines.first() else { return Ok(Vec::new()) };
-    let names: Vec<String> = header.split('\t').skip(1).map(|s| s.trim().to_string()).collect();
-    let pos: HashMap<&str, usize> = barcodes.iter().enumerate().map(|(i, b)| (b.as_str(), i)).collect();
+    let Some(header) = lines.first() else {
+        return Ok(Vec::new());
+    };
+    let names: Vec<String> = header
+        .split('\t')
+        .skip(1)
+        .map(|s| s.trim().to_string())
+        .collect();
+    let pos: HashMap<&str, usize> = barcodes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.as_str(), i))
+        .collect();
     let mut cols: Vec<Vec<Option<String>>> = vec![vec![None; barcodes.len()]; names.len()];
     for (ln, l) in lines.iter().enumerate().skip(1) {
         let f: Vec<&str> = l.split('\t').collect();
@@ -206,16 +279,31 @@ fn read_annotations(path: &Path, barcodes: &[String]) -> Result<Vec<ObsColumn>> 
             cols[k][c] = (!v.is_empty()).then(|| v.to_string());
         }
     }
-    Ok(names.into_iter().zip(cols).map(|(name, v)| ObsColumn { name, values: infer(v) }).collect())
+    Ok(names
+        .into_iter()
+        .zip(cols)
+        .map(|(name, v)| ObsColumn {
+            name,
+            values: infer(v),
+        })
+        .collect())
 }
 
 fn infer(v: Vec<Option<String>>) -> ObsValues {
     let present = || v.iter().flatten();
     if present().next().is_some() && present().all(|s| s.parse::<i64>().is_ok()) {
-        return ObsValues::Int(v.iter().map(|s| s.as_ref().and_then(|s| s.parse().ok())).collect());
+        return ObsValues::Int(
+            v.iter()
+                .map(|s| s.as_ref().and_then(|s| s.parse().ok()))
+                .collect(),
+        );
     }
     if present().next().is_some() && present().all(|s| s.parse::<f64>().is_ok()) {
-        return ObsValues::Float(v.iter().map(|s| s.as_ref().and_then(|s| s.parse().ok())).collect());
+        return ObsValues::Float(
+            v.iter()
+                .map(|s| s.as_ref().and_then(|s| s.parse().ok()))
+                .collect(),
+        );
     }
     ObsValues::Text(v)
 }

@@ -28,10 +28,16 @@ impl Exceiver {
         let p = self.params();
         let (d, g_all, nq, h) = (cfg.seq_dim, cfg.seq_len, cfg.query_len, cfg.cross_heads);
         if genes.len() != values.len() {
-            return Err(Error::shape(format!("{} genes but {} values", genes.len(), values.len())));
+            return Err(Error::shape(format!(
+                "{} genes but {} values",
+                genes.len(),
+                values.len()
+            )));
         }
         if let Some(&g) = genes.iter().find(|&&g| g as usize >= g_all) {
-            return Err(Error::invalid(format!("gene index {g} out of range for {g_all} genes")));
+            return Err(Error::invalid(format!(
+                "gene index {g} out of range for {g_all} genes"
+            )));
         }
         let hd = d / h;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -45,7 +51,10 @@ impl Exceiver {
             linear_rows(&w[..d * d], &b[..d], d, &tmp, &mut q[i * d..(i + 1) * d]);
         }
         let key = |g: usize, v: f32, out: &mut [f32]| {
-            let x: Vec<f32> = p.gene_emb[g * d..(g + 1) * d].iter().map(|e| e * v).collect();
+            let x: Vec<f32> = p.gene_emb[g * d..(g + 1) * d]
+                .iter()
+                .map(|e| e * v)
+                .collect();
             let mut kn = vec![0.0f32; d];
             layer_norm(&enc.layernorm_kv, &x, &mut kn);
             linear_rows(&w[d * d..2 * d * d], &b[d..2 * d], d, &kn, out);
@@ -78,7 +87,11 @@ impl Exceiver {
             for hh in 0..h {
                 let qi = &q[i * d + hh * hd..i * d + (hh + 1) * hd];
                 let dot = |kr: &[f32]| -> f64 {
-                    (qi.iter().zip(&kr[hh * hd..(hh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() * scale) as f64
+                    (qi.iter()
+                        .zip(&kr[hh * hd..(hh + 1) * hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        * scale) as f64
                 };
                 let mut m = f64::NEG_INFINITY;
                 for e in 0..n {
@@ -97,6 +110,11 @@ impl Exceiver {
                 }
             }
         }
-        Ok(EncoderAttention { weights, expressed_mass: mass, n_latents: nq, n_entries: n })
+        Ok(EncoderAttention {
+            weights,
+            expressed_mass: mass,
+            n_latents: nq,
+            n_entries: n,
+        })
     }
 }
