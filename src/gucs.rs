@@ -1,6 +1,8 @@
 //! Settings, all under the reserved prefix `exceiver.`.
 
+use exceiver_core::device::Device;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::{CStr, CString};
 
 /// `exceiver.threads`: worker threads for bulk work (`embed_table`, training).
 /// 0 means one per CPU core. Worker threads never call PostgreSQL.
@@ -17,7 +19,20 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"exceiver".as_ptr()) };
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"exceiver.device",
+            c"Where exceiver's bulk work runs: cpu, cuda or cuda:N.",
+            c"embed_table and training read it; per-row functions such as embed always run on the CPU of the calling backend.",
+            &DEVICE,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_device),
+            None,
+            None,
+        );
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"exceiver".as_ptr());
+    }
 }
 
 /// The number of worker threads to use.
@@ -26,4 +41,40 @@ pub fn threads() -> usize {
         n if n > 0 => n as usize,
         _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
+}
+
+/// `exceiver.device`: where bulk work (`embed_table`, training) runs: `cpu` (default),
+/// `cuda` or `cuda:N`. Checked when set; a GPU in a CPU-only build is an error at use.
+static DEVICE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"cpu"));
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_device(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    if newval.is_null() || unsafe { (*newval).is_null() } {
+        return true;
+    }
+    let s = unsafe { CStr::from_ptr(*newval) }
+        .to_string_lossy()
+        .into_owned();
+    match Device::parse(&s) {
+        Ok(_) => true,
+        Err(e) => {
+            let msg = CString::new(e.message.replace('\0', "")).unwrap_or_default();
+            unsafe {
+                pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(msg.as_ptr())
+            };
+            false
+        }
+    }
+}
+
+/// The device bulk work should run on (already validated by the check hook).
+pub fn device() -> Device {
+    DEVICE
+        .get()
+        .and_then(|s| Device::parse(&s.to_string_lossy()).ok())
+        .unwrap_or(Device::Cpu)
 }

@@ -93,6 +93,7 @@ fn embed_table(
             "batch_size must be between 1 and 100000, not {batch_size}"
         )));
     }
+    gucs::device().check_supported().or_raise();
     let m = get_model(model);
     let dim = m.model.embedding_len();
     let rel = relation_name(source);

@@ -376,6 +376,7 @@ pub(crate) fn run_training(
     run: &Run,
     start: Option<(Config, Params, Vec<String>, Scaler)>,
 ) -> Outcome {
+    gucs::device().check_supported().or_raise();
     let o = &run.opts;
     let rel = &run.rel;
     let is_val = split_sql(o);

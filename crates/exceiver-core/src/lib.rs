@@ -3,6 +3,7 @@
 //! tested with plain `cargo test`, and the pgrx crate maps SQL onto it.
 
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod model;
 pub mod preprocess;

@@ -9,6 +9,13 @@ SET exceiver.threads = 1;
 SET exceiver.no_such_setting = 1;
 SET exceiver.threads = -1;
 RESET exceiver.threads;
+SHOW exceiver.device;
+SET exceiver.device = 'banana';
+SET exceiver.device = 'cuda:99999';
+SET exceiver.device = 'cuda:1';
+SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb_gpu');
+SELECT * FROM exceiver.train('gpu_model', 'cells');
+RESET exceiver.device;
 
 -- bulk path: the whole table in batches, into a new vector(512) column
 INSERT INTO cells VALUES ('d', ARRAY['X1','X2'], ARRAY[1,1]), ('e', NULL, NULL);
