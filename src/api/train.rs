@@ -380,9 +380,10 @@ pub(crate) fn run_training(
     let o = &run.opts;
     let rel = &run.rel;
     let is_val = split_sql(o);
+    // With max_cells, every scan must take the same cells: order before the limit.
     let limit = o
         .max_cells
-        .map(|n| format!(" LIMIT {n}"))
+        .map(|n| format!(" ORDER BY cell_id LIMIT {n}"))
         .unwrap_or_default();
     let label_sql = run
         .label_column

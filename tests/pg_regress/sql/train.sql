@@ -14,6 +14,13 @@ SELECT name, kind, n_genes > 100 AS many_genes, embedding_dim, has_scaler, paren
        jsonb_array_length((SELECT history FROM exceiver.model_catalog WHERE name = 'tiny')) AS history_epochs,
        metrics ? 'best_val_mse' AND metrics ? 'n_mask' AS has_metrics
 FROM exceiver.models WHERE name = 'tiny';
+-- max_cells caps the training cells (the same cells in every pass)
+SET client_min_messages = warning;
+SELECT model FROM exceiver.train('tiny_capped', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
+                                                  "dim_feedforward": 32, "epochs": 1, "max_cells": 100, "min_cells": 5}');
+RESET client_min_messages;
+SELECT metrics->>'train_cells' AS train_cells FROM exceiver.models WHERE name = 'tiny_capped';
+SELECT exceiver.drop_model('tiny_capped');
 -- the trained model embeds cells of another dataset
 SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny', genes, counts))) AS dims
 FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 20) p;
