@@ -31,6 +31,22 @@ pub(crate) fn relation_name(source: &str) -> String {
     })
 }
 
+/// The quoted schema of pgvector's `vector` type (it need not be on the search_path).
+pub(crate) fn vector_schema() -> String {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT quote_ident(n.nspname) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+             WHERE t.typname = 'vector' AND t.typtype = 'b' ORDER BY n.oid LIMIT 1",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get::<String>(1)
+    })
+    .or_raise()
+    .unwrap_or_else(|| raise(Error::new(Kind::UndefinedObject, "type \"vector\" does not exist").with_hint("CREATE EXTENSION vector;")))
+}
+
 /// The type of `column` in `rel` (`format_type` form, e.g. `vector(512)`), if it exists.
 pub(crate) fn column_type(rel: &str, column: &str) -> Option<String> {
     Spi::connect(|c| {
@@ -100,7 +116,7 @@ fn embed_table(
     check_cell_table(&rel);
     let col = quote_ident(target_column);
     match column_type(&rel, target_column) {
-        None => Spi::run(&format!("ALTER TABLE {rel} ADD COLUMN {col} vector({dim})")).or_raise(),
+        None => Spi::run(&format!("ALTER TABLE {rel} ADD COLUMN {col} {}.vector({dim})", vector_schema())).or_raise(),
         Some(t) if t == format!("vector({dim})") || t == "vector" => {}
         Some(t) if t.starts_with("vector(") => raise(Error::data(format!(
             "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
