@@ -6,60 +6,12 @@ use exceiver_core::model::{
     dense, load_checkpoint, load_safetensors, AttentionMode, Config, Exceiver,
 };
 use exceiver_core::preprocess::{self, Scaler};
-use safetensors::{Dtype, SafeTensors};
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
-
-/// A fixture tensor: shape and values as f64 (every dtype the fixtures use).
-struct T {
-    shape: Vec<usize>,
-    v: Vec<f64>,
-}
-
-impl T {
-    fn f32(&self) -> Vec<f32> {
-        self.v.iter().map(|&x| x as f32).collect()
-    }
-    fn u32(&self) -> Vec<u32> {
-        self.v.iter().map(|&x| x as u32).collect()
-    }
-}
-
-fn read_fixture(name: &str) -> HashMap<String, T> {
-    let bytes = std::fs::read(format!("{FIX}/{name}")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, t)| {
-            let b = t.data();
-            let v: Vec<f64> = match t.dtype() {
-                Dtype::F32 => b
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => b
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => b
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::U8 => b.iter().map(|&x| x as f64).collect(),
-                d => panic!("unexpected dtype {d:?}"),
-            };
-            (
-                k,
-                T {
-                    shape: t.shape().to_vec(),
-                    v,
-                },
-            )
-        })
-        .collect()
-}
+mod common;
+use common::{read_fixture, FIX, T};
 
 struct Inputs {
     t: HashMap<String, T>,

@@ -5,49 +5,11 @@
 use exceiver_core::model::rng::Rng;
 use exceiver_core::model::{dense, load_safetensors, AttentionMode, Config, Params};
 use exceiver_core::train::{loss_and_grads, mask_positions, TrainCell, TrainOpts, Trainer};
-use safetensors::{Dtype, SafeTensors};
+
 use std::collections::HashMap;
 
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures");
-
-struct T {
-    shape: Vec<usize>,
-    v: Vec<f64>,
-}
-
-fn read_fixture(name: &str) -> HashMap<String, T> {
-    let bytes = std::fs::read(format!("{FIX}/{name}")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, t)| {
-            let b = t.data();
-            let v: Vec<f64> = match t.dtype() {
-                Dtype::F32 => b
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => b
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => b
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::U8 => b.iter().map(|&x| x as f64).collect(),
-                d => panic!("unexpected dtype {d:?}"),
-            };
-            (
-                k,
-                T {
-                    shape: t.shape().to_vec(),
-                    v,
-                },
-            )
-        })
-        .collect()
-}
+mod common;
+use common::{read_fixture, FIX, T};
 
 /// The reference training batch: 16 cells, 100 masked genes each (draw order).
 fn fixture_batch(classifier: bool) -> (Vec<TrainCell>, Vec<f32>, HashMap<String, T>) {
