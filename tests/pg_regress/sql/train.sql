@@ -14,6 +14,14 @@ SELECT name, kind, n_genes > 100 AS many_genes, embedding_dim, has_scaler, paren
        jsonb_array_length((SELECT history FROM exceiver.model_catalog WHERE name = 'tiny')) AS history_epochs,
        metrics ? 'best_val_mse' AND metrics ? 'n_mask' AS has_metrics
 FROM exceiver.models WHERE name = 'tiny';
+-- reproducible: the same options, seed and exceiver.threads give the same weights, byte for byte
+SET client_min_messages = warning;
+SELECT model FROM exceiver.train('tiny_again', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
+                                                 "dim_feedforward": 32, "epochs": 2, "batch_size": 32, "min_cells": 20}');
+RESET client_min_messages;
+SELECT (SELECT weights FROM exceiver.model_catalog WHERE name = 'tiny')
+     = (SELECT weights FROM exceiver.model_catalog WHERE name = 'tiny_again') AS same_weights;
+SELECT exceiver.drop_model('tiny_again');
 -- max_cells caps the training cells (the same cells in every pass)
 SET client_min_messages = warning;
 SELECT model FROM exceiver.train('tiny_capped', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
