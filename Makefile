@@ -72,7 +72,8 @@ test-regress: db check-access
 	rm -f /tmp/exceiver_regress_bad.*
 	EXCEIVER_DATA=$(CURDIR)/data EXCEIVER_ROOT=$(CURDIR) $(PGXS_DIR)/../test/regress/pg_regress --inputdir=tests/pg_regress --outputdir=tests/pg_regress \
 	  --bindir=$(PGBIN) --host=$(PGHOST) --port=$(PGPORT) --user=$(PGUSER) \
-	  --dbname=exceiver_regress --load-extension=vector --load-extension=exceiver $(REGRESS)
+	  --dbname=exceiver_regress --load-extension=vector --load-extension=exceiver $(REGRESS) || { \
+	  head -c 20000 tests/pg_regress/regression.diffs; exit 1; }
 
 test: setup
 	$(MAKE) test-core

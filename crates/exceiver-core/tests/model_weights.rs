@@ -88,6 +88,26 @@ fn safetensors_round_trip() {
     assert_eq!(load_safetensors_with(&b, &small).unwrap(), p);
 }
 
+/// The same weights always give the same bytes: the metadata (a HashMap inside the
+/// safetensors crate, in a new order each time) is written with sorted keys. Stored
+/// models are compared byte for byte (training reproducibility).
+#[test]
+fn safetensors_bytes_are_deterministic() {
+    let cfg = Config::small(30);
+    let p = Params::init(&cfg, 7).unwrap();
+    let extra = [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")];
+    let first = save_safetensors(&cfg, &p, &extra).unwrap();
+    for _ in 0..20 {
+        assert_eq!(save_safetensors(&cfg, &p, &extra).unwrap(), first);
+    }
+    let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0, "header keeps the data 8-byte aligned");
+    let (c2, p2) = load_safetensors(&first).unwrap();
+    assert_eq!((c2, p2), (cfg, p));
+    let (_, md) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+    assert_eq!(md.metadata().as_ref().unwrap()["c"], "3");
+}
+
 fn truncated_copy(src: &Path, name: &str) -> PathBuf {
     let bytes = std::fs::read(src).unwrap();
     let dst = tmp_path(name);

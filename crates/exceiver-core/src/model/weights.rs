@@ -622,6 +622,44 @@ pub fn save_safetensors(cfg: &Config, params: &Params, extra: &[(&str, &str)]) -
     for (k, v) in extra {
         md.insert(k.to_string(), v.to_string());
     }
-    safetensors::serialize(views, Some(md))
-        .map_err(|e| Error::internal(format!("safetensors serialisation failed: {e}")))
+    let bytes = safetensors::serialize(views, Some(md))
+        .map_err(|e| Error::internal(format!("safetensors serialisation failed: {e}")))?;
+    canonical_header(bytes)
+}
+
+/// Rewrite a safetensors file's JSON header with its keys sorted. `safetensors`
+/// writes the metadata from a `HashMap`, whose order changes from one map to the
+/// next, so the same weights would otherwise give different bytes (and stored models
+/// that compare unequal). The tensor data and its offsets are unchanged.
+fn canonical_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use std::collections::BTreeMap;
+    let bad = |what: &str| Error::internal(format!("safetensors header: {what}"));
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let header = bytes
+        .get(8..8 + n)
+        .ok_or_else(|| bad("length beyond the end"))?;
+    let parsed: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let sorted: BTreeMap<String, serde_json::Value> = parsed
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Object(m) => {
+                let m: BTreeMap<String, serde_json::Value> = m.into_iter().collect();
+                serde_json::to_value(m).map(|v| (k, v))
+            }
+            v => Ok((k, v)),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(&e.to_string()))?;
+    let mut json = serde_json::to_vec(&sorted).map_err(|e| bad(&e.to_string()))?;
+    // the data that follows stays 8-byte aligned, as the format asks
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
