@@ -10,6 +10,7 @@
 //!   --mode reference|expressed        (training attention)
 //!   --max-train N --max-val N         (subsample cells for quick probes)
 //!   --bias-init                       (value head output bias := mean target)
+//!   --value-emb                       (Config::value_embedding: the encoder sees values)
 //!   --frac 0.15 --min-cells 3 --k 15
 //!   --overfit N                       (train on N cells, report their train MSE)
 //!   --stim-epochs E                   (finetune a stim classifier afterwards)
@@ -353,6 +354,7 @@ fn main() {
     cfg.dim_feedforward = a.get("--ff", cfg.dim_feedforward);
     cfg.nhead = a.get("--nhead", cfg.nhead);
     cfg.attention = mode;
+    cfg.value_embedding = a.has("--value-emb");
     cfg.validate().unwrap();
     let mut params = Params::init(&cfg, seed).unwrap();
     // mean target over masked positions == mean value over expressed genes
@@ -650,6 +652,34 @@ fn main() {
             "pbmc3k {:?} ({} cells, {} classes, embed {et:.1}s, mean norm {norm:.2}, total sd {dev:.3}): kNN-{k} acc/F1 raw {a0:.3}/{f0:.3} | centred(kang) {a1:.3}/{f1:.3} | std(kang) {a2:.3}/{f2:.3} | std(pbmc) {a3:.3}/{f3:.3}",
             emode, keep.len(), classes.len()
         );
+        if emode == cfg.attention {
+            // Readout 2: the decoder's predicted values for the most variable genes
+            // (by the scaler's log1p sd over the training cells), standardised.
+            let nh: usize = a.get("--profile-genes", 1000);
+            let mut order: Vec<usize> = (0..ng).collect();
+            order.sort_by(|&x, &y| scaler.scale[y].total_cmp(&scaler.scale[x]));
+            let rows: Vec<u32> = order.iter().take(nh).map(|&g| g as u32).collect();
+            let tp = Instant::now();
+            let prof: Vec<f32> = cells
+                .iter()
+                .flat_map(|(g, v)| model.predict(g, v, &rows).unwrap())
+                .collect();
+            let pd = rows.len();
+            let (qm, qs) = col_stats(&prof, pd);
+            let (b0, g0) = knn_eval(&prof, pd, &labels, classes.len(), k, threads);
+            let (b1, g1) = knn_eval(
+                &transform(&prof, pd, &qm, Some(&qs)),
+                pd,
+                &labels,
+                classes.len(),
+                k,
+                threads,
+            );
+            println!(
+                "pbmc3k decoded profile of {pd} variable genes ({:.1}s): kNN-{k} acc/F1 raw {b0:.3}/{g0:.3} | std(pbmc) {b1:.3}/{g1:.3}",
+                tp.elapsed().as_secs_f64()
+            );
+        }
     }
 
     if stim_epochs > 0 {

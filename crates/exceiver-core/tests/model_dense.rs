@@ -92,6 +92,7 @@ fn shapes() -> Vec<Config> {
         dropout: 0.0,
         num_classes: Some(5),
         attention: AttentionMode::Reference,
+        value_embedding: false,
     };
     vec![
         base.clone(),
@@ -204,9 +205,15 @@ fn compare(model: &Exceiver, cell: &Cell, tokens: Option<&[u32]>, vals: &[f32], 
 fn fast_equals_dense_on_random_models() {
     let mut rng = Rng::new(42);
     for (s, cfg) in shapes().into_iter().enumerate() {
-        for mode in [AttentionMode::Reference, AttentionMode::ExpressedOnly] {
+        for (mode, value_embedding) in [
+            (AttentionMode::Reference, false),
+            (AttentionMode::ExpressedOnly, false),
+            (AttentionMode::Reference, true),
+            (AttentionMode::ExpressedOnly, true),
+        ] {
             let cfg = Config {
                 attention: mode,
+                value_embedding,
                 ..cfg.clone()
             };
             let params = random_params(&cfg, 1000 + s as u64);
@@ -221,7 +228,9 @@ fn fast_equals_dense_on_random_models() {
                     &cell,
                     None,
                     &cell.vals,
-                    &format!("shape {s} {mode:?} cell {k} (nnz {nnz})"),
+                    &format!(
+                        "shape {s} {mode:?} value_embedding {value_embedding} cell {k} (nnz {nnz})"
+                    ),
                 );
             }
             if mode == AttentionMode::Reference {

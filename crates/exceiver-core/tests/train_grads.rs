@@ -166,6 +166,7 @@ fn tiny_config(mode: AttentionMode, heads: usize, d: usize, classes: Option<usiz
         dropout: 0.0,
         num_classes: classes,
         attention: mode,
+        value_embedding: false,
     }
 }
 
@@ -331,6 +332,22 @@ fn finite_differences_odd_widths() {
     finite_difference_check(c, 6);
 }
 
+#[test]
+fn finite_differences_value_embedding() {
+    // the token LN(v·E[g]) + v·u: u's gradient, and E's through both terms
+    for (k, mode) in [AttentionMode::Reference, AttentionMode::ExpressedOnly]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = tiny_config(mode, 4, 4, None);
+        c.value_embedding = true;
+        finite_difference_check(c.clone(), 7 + k as u64);
+        c.num_classes = Some(3);
+        c.cross_heads = 2;
+        finite_difference_check(c, 9 + k as u64);
+    }
+}
+
 // ------------------------------------------------------------ training reduces the loss
 
 #[test]
@@ -348,6 +365,7 @@ fn adam_learns_a_synthetic_problem() {
         dropout: 0.0,
         num_classes: None,
         attention: AttentionMode::Reference,
+        value_embedding: false,
     };
     let mut rng = Rng::new(11);
     // two cell types with their own gene profiles
@@ -503,6 +521,13 @@ fn value_bias_init_moves_the_starting_prediction() {
     let cfg = Config::small(40);
     let mut p = Params::init(&cfg, 7).unwrap();
     exceiver_core::train::init_value_bias(&mut p, 3.6).unwrap();
-    assert_eq!(p.value_head.linear2.bias, vec![3.6f32]);
+    // the hidden unit starts in GELU's linear range, the output near the mean target
+    assert_eq!(p.value_head.linear1.bias, vec![2.0f32]);
+    assert_eq!(p.value_head.linear2.weight, vec![1.0f32]);
+    let m = exceiver_core::model::Exceiver::new(cfg.clone(), p.clone(), vec![-0.5; 40]).unwrap();
+    let genes: Vec<u32> = (0..20).collect();
+    let pred = m.predict(&genes, &[1.0; 20], &genes).unwrap();
+    let mean = pred.iter().sum::<f32>() / pred.len() as f32;
+    assert!((mean - 3.6).abs() < 1.0, "mean starting prediction {mean}");
     assert!(exceiver_core::train::init_value_bias(&mut p, f64::NAN).is_err());
 }

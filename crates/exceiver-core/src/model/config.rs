@@ -60,6 +60,13 @@ pub struct Config {
     /// How the encoder attends (not a weight property; defaults to the reference).
     #[serde(default)]
     pub attention: AttentionMode,
+    /// Add `v · value_emb` to every gene token after `layernorm_kv` (`value_emb`: a
+    /// learned d-vector, `v`: the token's model input value). Not in the published
+    /// model, whose token `LayerNorm(v · E[g])` keeps only the sign of `v`: LayerNorm
+    /// divides the scale away, so the encoder cannot see how much a gene is
+    /// expressed. With this on it can (keys and values gain a term linear in `v`).
+    #[serde(default)]
+    pub value_embedding: bool,
 }
 
 impl Config {
@@ -78,6 +85,7 @@ impl Config {
             dropout: 0.0,
             num_classes: None,
             attention: AttentionMode::Reference,
+            value_embedding: false,
         }
     }
 
@@ -110,6 +118,7 @@ impl Config {
             dropout: 0.0,
             num_classes: None,
             attention: AttentionMode::Reference,
+            value_embedding: false,
         }
     }
 
@@ -248,6 +257,7 @@ impl Config {
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize),
             attention: AttentionMode::Reference,
+            value_embedding: false,
         };
         cfg.validate()?;
         Ok(cfg)

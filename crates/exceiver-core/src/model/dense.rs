@@ -111,7 +111,9 @@ fn mha_core(
         .collect()
 }
 
-/// The reference `CrossAttn.forward` (residual = true).
+/// The reference `CrossAttn.forward` (residual = true). `value_term`: (u, v per key)
+/// adds v·u to each normalised key/value input ([`Config::value_embedding`]).
+#[allow(clippy::too_many_arguments)]
 fn cross_attn(
     p: &CrossAttnParams,
     heads: usize,
@@ -119,9 +121,17 @@ fn cross_attn(
     kv: &[Vec<f64>],
     bias: &[f64],
     keep: &[bool],
+    value_term: Option<(&[f32], &[f64])>,
 ) -> Vec<Vec<f64>> {
     let d = query.first().map_or(0, |r| r.len());
-    let kvn: Vec<Vec<f64>> = kv.iter().map(|x| ln(&p.layernorm_kv, x)).collect();
+    let mut kvn: Vec<Vec<f64>> = kv.iter().map(|x| ln(&p.layernorm_kv, x)).collect();
+    if let Some((u, vals)) = value_term {
+        for (x, &v) in kvn.iter_mut().zip(vals) {
+            for (xc, &uc) in x.iter_mut().zip(u) {
+                *xc += v * uc as f64;
+            }
+        }
+    }
     let k: Vec<Vec<f64>> = kvn.iter().map(|x| proj(&p.attn, 1, d, x)).collect();
     let v: Vec<Vec<f64>> = kvn.iter().map(|x| proj(&p.attn, 2, d, x)).collect();
     let q: Vec<Vec<f64>> = query
@@ -206,7 +216,20 @@ pub fn dense_forward(
                 .collect()
         })
         .collect();
-    let mut x = cross_attn(&params.encoder, cfg.cross_heads, &q0, &kv, &bias, &keep);
+    let value_term = if cfg.value_embedding {
+        Some((&params.value_emb[..], &vals[..]))
+    } else {
+        None
+    };
+    let mut x = cross_attn(
+        &params.encoder,
+        cfg.cross_heads,
+        &q0,
+        &kv,
+        &bias,
+        &keep,
+        value_term,
+    );
     let enc_latent = flat(&x);
     let mut layers = Vec::new();
     let zero_bias = vec![0.0; n];
@@ -236,7 +259,15 @@ pub fn dense_forward(
         rows.push(g + 1);
     }
     let qd: Vec<Vec<f64>> = rows.iter().map(|&r| emb(r)).collect();
-    let dec = cross_attn(&params.decoder, cfg.cross_heads, &qd, &x, &zero_bias, &all);
+    let dec = cross_attn(
+        &params.decoder,
+        cfg.cross_heads,
+        &qd,
+        &x,
+        &zero_bias,
+        &all,
+        None,
+    );
     let pred = dec[..query_ids.len()]
         .iter()
         .map(|r| head(&params.value_head, r)[0] as f32)

@@ -66,6 +66,10 @@ struct Prep {
     /// per embedding row: K1 = Wk(u∘w), V1 = Wv(u∘w) (rows × d)
     k1: Vec<f32>,
     v1: Vec<f32>,
+    /// with a value embedding u: Wk u and Wv u (a token with value x adds x·ku to
+    /// its key and x·vu to its value); empty without
+    ku: Vec<f32>,
+    vu: Vec<f32>,
     /// V0 = Wv b_kv + bv
     enc_v0: Vec<f32>,
     /// encoder queries, scaled by 1/√chd, structure of arrays `[c·npad + i]`
@@ -591,6 +595,12 @@ impl Exceiver {
                 tk[cc * nnz + e] = c * p.k1[row * d + cc];
                 tv[cc * nnz + e] = c * p.v1[row * d + cc];
             }
+            if !p.ku.is_empty() {
+                for cc in 0..d {
+                    tk[cc * nnz + e] += x * p.ku[cc];
+                    tv[cc * nnz + e] += x * p.vu[cc];
+                }
+            }
         }
         let (t0k, t0v) = if let Some(zs) = zs {
             let t0k = buf(&mut ws.t0k, d * nnz);
@@ -1038,6 +1048,21 @@ impl Prep {
                 v1[r * d + c] = sv;
             }
         }
+        // value embedding: the key/value projections of u (no bias; the bias is in
+        // the per-model constants), scaled by each token's value in the encoder
+        let (mut ku, mut vu) = (Vec::new(), Vec::new());
+        if cfg.value_embedding {
+            let u = &params.value_emb;
+            for c in 0..d {
+                let (mut sk, mut sv) = (0.0f32, 0.0f32);
+                for cc in 0..d {
+                    sk += w[(d + c) * d + cc] * u[cc];
+                    sv += w[(2 * d + c) * d + cc] * u[cc];
+                }
+                ku.push(sk);
+                vu.push(sv);
+            }
+        }
         let mut enc_v0 = vec![0.0f32; d];
         for c in 0..d {
             let mut s = b[2 * d + c];
@@ -1093,6 +1118,8 @@ impl Prep {
             tok_var,
             k1,
             v1,
+            ku,
+            vu,
             enc_v0,
             enc_q,
             layers,
@@ -1113,6 +1140,12 @@ impl ZeroSums {
             for cc in 0..d {
                 t0[gi * d + cc] = c * p.k1[gi * d + cc];
                 w0[gi * d + cc] = c * p.v1[gi * d + cc];
+            }
+            if !p.ku.is_empty() {
+                for cc in 0..d {
+                    t0[gi * d + cc] += x * p.ku[cc];
+                    w0[gi * d + cc] += x * p.vu[cc];
+                }
             }
         }
         // structure of arrays for the kernels: [c·g + gi]

@@ -57,6 +57,11 @@ impl Exceiver {
                 .collect();
             let mut kn = vec![0.0f32; d];
             layer_norm(&enc.layernorm_kv, &x, &mut kn);
+            if cfg.value_embedding {
+                for (k, u) in kn.iter_mut().zip(&p.value_emb) {
+                    *k += v * u;
+                }
+            }
             linear_rows(&w[d * d..2 * d * d], &b[d..2 * d], d, &kn, out);
         };
         let n = genes.len();

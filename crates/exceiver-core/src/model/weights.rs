@@ -80,7 +80,13 @@ pub struct Params {
     pub decoder: CrossAttnParams,
     pub value_head: HeadParams,
     pub class_head: Option<HeadParams>,
+    /// `value_emb`, `[d]`, with [`Config::value_embedding`] only (else empty): added
+    /// to each gene token after the encoder's `layernorm_kv`, times the token's value.
+    pub value_emb: Vec<f32>,
 }
+
+/// Name of the value embedding tensor (not in the published checkpoints).
+pub const VALUE_EMB: &str = "value_emb";
 
 /// Prefix of the unused template layer that the reference's `ProcessSelfAttn` keeps
 /// registered (deep-copied into `transformer.layers.*`, never used in `forward`).
@@ -143,6 +149,9 @@ macro_rules! visit_params {
             f("mlp_classify.1.bias".to_string(), vec![c], & $($m)? ch.linear1.bias)?;
             f("mlp_classify.3.weight".to_string(), vec![c, c], & $($m)? ch.linear2.weight)?;
             f("mlp_classify.3.bias".to_string(), vec![c], & $($m)? ch.linear2.bias)?;
+        }
+        if cfg.value_embedding {
+            f(VALUE_EMB.to_string(), vec![d], & $($m)? p.value_emb)?;
         }
         Ok::<(), Error>(())
     }};
@@ -214,6 +223,11 @@ impl Params {
             decoder: cross(d),
             value_head: head(d, 1),
             class_head: cfg.num_classes.map(|c| head(d, c)),
+            value_emb: if cfg.value_embedding {
+                vec![0.0; d]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -227,7 +241,7 @@ impl Params {
         let mut rng = Rng::new(seed);
         let d = cfg.seq_dim;
         p.visit_mut(cfg, |name, shape, v| {
-            if name == "gene_emb.weight" || name == "query_emb" {
+            if name == "gene_emb.weight" || name == "query_emb" || name == VALUE_EMB {
                 for x in v.iter_mut() {
                     *x = rng.normal() as f32;
                 }
@@ -440,6 +454,7 @@ pub fn infer_config(shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
         dropout: 0.0,
         num_classes,
         attention: Default::default(),
+        value_embedding: shapes.contains_key(VALUE_EMB),
     };
     cfg.validate()?;
     Ok(cfg)

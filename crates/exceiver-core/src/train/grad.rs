@@ -238,6 +238,9 @@ impl<'a> Shared<'a> {
             &mut k0_xhat,
             &mut k0_rstd,
         );
+        if cfg.value_embedding {
+            add_value_term(&mut k0_kn, zf, &p.value_emb, d);
+        }
         let mut tmp = vec![0.0f32; g * d];
         let mut k0t = vec![0.0f32; d * gpad];
         let mut v0t = vec![0.0f32; d * gpad];
@@ -903,6 +906,9 @@ fn cell_step(
         buf(&mut ws.e_xhat, nnz * d),
         buf(&mut ws.e_rstd, nnz),
     );
+    if sh.cfg.value_embedding {
+        add_value_term(kn, val, &p.value_emb, d);
+    }
     let tmp = buf(&mut ws.g2, nnz * d);
     let kt = zeroed(&mut ws.e_kt, d * epad);
     let vt = zeroed(&mut ws.e_vt, d * epad);
@@ -1535,6 +1541,9 @@ fn cell_step(
         );
         lin_bwd(&ew[2 * d * d..], kn, dv, d, d, Some(&mut *dkn), gwv, gbv);
     }
+    if sh.cfg.value_embedding {
+        value_term_bwd(dkn, &ws.val[..nnz], d, &mut gr.value_emb);
+    }
     let dx = zeroed(&mut ws.gt2, nnz * d);
     ln_bwd(
         &enc.layernorm_kv.weight,
@@ -1558,6 +1567,27 @@ fn cell_step(
         }
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------ value embedding
+
+/// Token rows `kn` (n × d, after layernorm_kv) += v_e · u ([`Config::value_embedding`]).
+fn add_value_term(kn: &mut [f32], vals: &[f32], u: &[f32], d: usize) {
+    for (row, &v) in kn.chunks_exact_mut(d).zip(vals) {
+        for (x, &uc) in row.iter_mut().zip(u) {
+            *x += v * uc;
+        }
+    }
+}
+
+/// ∂L/∂u += Σ_e v_e · ∂L/∂kn_e (the other half of the token's gradient goes on
+/// through layernorm_kv as before).
+fn value_term_bwd(dkn: &[f32], vals: &[f32], d: usize, du: &mut [f32]) {
+    for (row, &v) in dkn.chunks_exact(d).zip(vals) {
+        for (g, &x) in du.iter_mut().zip(row) {
+            *g += v * x;
+        }
+    }
 }
 
 // ------------------------------------------------------------------ a batch
@@ -1765,6 +1795,9 @@ fn finish_grads(sh: &Shared, acc: &mut Acc) {
             gwv,
             gbv,
         );
+        if sh.cfg.value_embedding {
+            value_term_bwd(&dkn, &sh.zf[..g], d, &mut gr.value_emb);
+        }
         let mut dx = vec![0.0f32; g * d];
         ln_bwd(
             &enc.layernorm_kv.weight,
