@@ -58,7 +58,7 @@ psql:
 
 demo: db check-access
 	mkdir -p results && chmod 777 results
-	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(CURDIR)/results/demo_results.txt -f scripts/demo.sql
+	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(CURDIR)/results/demo_results.txt -v png=$(CURDIR)/results/pbmc3k_map.png -f scripts/demo.sql
 
 test-core:
 	cargo test -p exceiver-core

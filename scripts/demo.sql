@@ -4,7 +4,8 @@
 --   with HNSW indexes; nearest neighbours; judge the embedding against published labels
 --   beside a random-weights baseline; transfer to predicting IFN-beta stimulation with
 --   and without pretraining, with 1%, 10% and 100% of the labels.
--- Variables (psql -v): data (folder), results (output file), train_opts (jsonb).
+-- Variables (psql -v): data (folder), results (output file), png (map picture),
+-- train_opts (jsonb).
 \set ON_ERROR_STOP 1
 \pset footer off
 \if :{?train_opts}
@@ -16,7 +17,7 @@
   \set ft_opts '{"epochs": 2, "learning_rate": 0.003, "warmup_steps": 10}'
 \endif
 SET client_min_messages = notice;
-DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, demo_results;
+DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results;
 SELECT exceiver.drop_model(name) FROM exceiver.models WHERE name LIKE 'demo\_%';
 CREATE TABLE demo_results (step int, what text, value text);
 
@@ -91,6 +92,17 @@ SELECT 'same model, random weights', * FROM exceiver.evaluate_embeddings('pbmc3k
 SELECT embedding, cells, classes, round(accuracy::numeric, 3) AS accuracy, round(macro_f1::numeric, 3) AS macro_f1 FROM knn;
 INSERT INTO demo_results SELECT 4, 'pbmc3k kNN-15 accuracy / macro-F1, ' || embedding,
        round(accuracy::numeric, 3) || ' / ' || round(macro_f1::numeric, 3) FROM knn;
+
+\echo
+\echo '== 4b. A 2-D map (UMAP) of the PBMC 3k embedding, as x/y columns and a PNG'
+\timing on
+CREATE TABLE pbmc_map AS
+SELECT m.cell_id, m.x, m.y, p.seurat_annotations
+FROM exceiver.embedding_map('pbmc3k', 'emb') m JOIN pbmc3k p USING (cell_id);
+\timing off
+SELECT exceiver.save_png(exceiver.map_png('pbmc_map', 'seurat_annotations',
+         'PBMC 3k, embedded by exceiver pretrained on Kang (UMAP)'), :'png') AS png_bytes;
+INSERT INTO demo_results SELECT 4, 'pbmc3k UMAP map (x/y table pbmc_map), PNG', :'png';
 
 \echo
 \echo '== 5. Transfer: predict IFN-beta stimulation (stim) of held-out Kang cells'

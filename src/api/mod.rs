@@ -4,5 +4,6 @@ pub mod bulk;
 pub mod evaluate;
 pub mod infer;
 pub mod load;
+pub mod map;
 pub mod model;
 pub mod train;

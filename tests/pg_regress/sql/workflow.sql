@@ -57,3 +57,51 @@ SELECT * FROM exceiver.evaluate_embeddings('toy', 'label', 'id');
 SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label', k => 0);
 UPDATE toy SET label = 'A';
 SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label');
+
+-- embedding_map: UMAP of two clusters of 40 points in 8-D (antipodal centres plus a
+-- deterministic wobble); each point's nearest neighbour in the 2-D map has its label
+CREATE TABLE blobs AS
+SELECT 'p' || lpad(i::text, 3, '0') AS cell_id, CASE WHEN i % 2 = 0 THEN 'even' ELSE 'odd' END AS label,
+       (SELECT array_agg((CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END) * (j % 2 * 2 - 1) + 0.3 * sin(i * 7 + j * 13) ORDER BY j)
+          FROM generate_series(1, 8) j)::real[]::vector(8) AS emb
+FROM generate_series(1, 80) i;
+INSERT INTO blobs VALUES ('p999', 'odd', NULL);
+SET client_min_messages = warning;
+CREATE TABLE blob_map AS
+SELECT m.cell_id, m.x, m.y, b.label FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 10, "seed": 1}') m JOIN blobs b USING (cell_id);
+RESET client_min_messages;
+SELECT count(*) AS mapped, count(*) FILTER (WHERE same) AS nearest_has_same_label FROM (
+  SELECT a.label = (SELECT b.label FROM blob_map b WHERE b.cell_id <> a.cell_id
+                    ORDER BY (a.x - b.x) ^ 2 + (a.y - b.y) ^ 2 LIMIT 1) AS same
+  FROM blob_map a) s;
+-- the same seed gives the same map
+SET client_min_messages = warning;
+SELECT count(*) AS moved FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 10, "seed": 1}') m
+JOIN blob_map b USING (cell_id) WHERE m.x <> b.x OR m.y <> b.y;
+RESET client_min_messages;
+-- a PNG of the map, coloured by label
+SELECT substring(png FROM 1 FOR 8) = '\x89504e470d0a1a0a'::bytea AS is_png, length(png) > 5000 AS has_content
+FROM (SELECT exceiver.map_png('blob_map', 'label', 'two blobs', width => 400, height => 300) AS png) p;
+SELECT exceiver.save_png(exceiver.map_png('blob_map', 'label'), '/tmp/exceiver_regress_map.png') > 5000 AS written;
+-- bad input
+SELECT * FROM exceiver.embedding_map('blobs', 'label');
+SELECT * FROM exceiver.embedding_map('blobs', 'no_such_column');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"neighbours": 10}');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 1}');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 100}');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"metric": "manhattan"}');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"min_dist": "small"}');
+UPDATE blobs SET emb = '[0,0,0,0,0,0,0,0]' WHERE cell_id = 'p001';
+SELECT * FROM exceiver.embedding_map('blobs', 'emb');
+SELECT exceiver.map_png('blob_map', 'no_such_column');
+SELECT exceiver.map_png('blob_map', 'label', width => 0);
+SELECT exceiver.save_png('\x0001'::bytea, '/tmp/exceiver_regress_map.png');
+SELECT exceiver.save_png(exceiver.map_png('blob_map'), 'relative.png');
+CREATE ROLE exceiver_regress_writer;
+GRANT USAGE ON SCHEMA exceiver TO exceiver_regress_writer;
+GRANT SELECT ON blob_map TO exceiver_regress_writer;
+SET ROLE exceiver_regress_writer;
+SELECT exceiver.save_png(exceiver.map_png('blob_map'), '/tmp/exceiver_regress_map.png');
+RESET ROLE;
+DROP OWNED BY exceiver_regress_writer;
+DROP ROLE exceiver_regress_writer;

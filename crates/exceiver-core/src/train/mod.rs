@@ -396,6 +396,31 @@ pub fn init_value_bias(params: &mut Params, mean_target: f64) -> Result<()> {
     Ok(())
 }
 
+/// How much [`init_for_scratch_training`] scales the encoder's key projection.
+pub const ENCODER_KEY_SCALE: f32 = 3.0;
+
+/// Prepare freshly initialised weights for training from scratch:
+/// [`init_value_bias`], and the encoder's key projection (`in_proj_weight` rows d..2d)
+/// scaled by [`ENCODER_KEY_SCALE`]. With PyTorch's Xavier init the latents' attention
+/// logits over a cell's genes have a standard deviation of about 0.5, so every latent
+/// averages hundreds of genes almost uniformly, cells look alike to the decoder, and a
+/// run can sit on the per-gene-mean plateau for many epochs (seen on Kang: validation
+/// MSE 0.59 against the baseline 0.57 after 8 epochs; the same run with keys ×3 reached
+/// 0.31 after 2). Sharper initial attention makes latents cell-specific from the start.
+pub fn init_for_scratch_training(
+    cfg: &Config,
+    params: &mut Params,
+    mean_target: f64,
+) -> Result<()> {
+    params.check(cfg)?;
+    init_value_bias(params, mean_target)?;
+    let d = cfg.seq_dim;
+    params.encoder.attn.in_proj_weight[d * d..2 * d * d]
+        .iter_mut()
+        .for_each(|w| *w *= ENCODER_KEY_SCALE);
+    Ok(())
+}
+
 /// `n_mask = int(frac · median(expressed genes per cell))`, as the reference's
 /// `ExceiverDataset` (numpy median: the mean of the two middle values for an even
 /// count).
