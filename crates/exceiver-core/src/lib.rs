@@ -5,6 +5,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod layout;
 pub mod model;
 pub mod preprocess;
 pub mod train;
