@@ -30,8 +30,9 @@ use crate::error::{Error, Kind, Result};
 use crate::model::rng::Rng;
 use std::str::FromStr;
 
-/// The most points [`umap_2d`] maps. The exact neighbour search costs n²·dim; past this
-/// it takes hours, and a sample of the rows maps the same structure.
+/// The most points [`umap_2d`] maps. The exact neighbour search costs n²·dim (some
+/// minutes of 2 cores at 200,000 × 64) and grows with the square of n; a sample of
+/// the rows shows the same structure far sooner.
 pub const MAX_POINTS: usize = 200_000;
 
 /// The most optimisation epochs accepted.
@@ -147,7 +148,7 @@ pub struct Progress {
 /// A 2-D UMAP map of `n` points of dimension `dim` (`data` row-major, `n × dim`).
 /// Returns one `[x, y]` per point, in input order.
 ///
-/// Errors: fewer than 2 points or a non-finite value or (cosine) a zero vector
+/// Errors: fewer than 3 points or a non-finite value or (cosine) a zero vector
 /// ([`Kind::Data`], the message names the 0-based point); `data.len() != n·dim`
 /// ([`Kind::ArrayShape`]); `dim` 0 or an option out of range
 /// ([`Kind::InvalidParameter`]); more than [`MAX_POINTS`] points ([`Kind::Limit`]).
@@ -182,6 +183,7 @@ pub fn umap_2d_with_progress(
         opts.n_neighbors - 1,
         opts.metric,
         threads,
+        BATCH_WORK,
         progress,
     )?;
     let graph = fuzzy_graph(&knn, n);
@@ -193,9 +195,10 @@ pub fn umap_2d_with_progress(
 }
 
 fn check_input(data: &[f32], n: usize, dim: usize, opts: &MapOptions) -> Result<()> {
-    if n < 2 {
+    // n_neighbors counts the point itself, is at least 2 and below n: so n ≥ 3.
+    if n < 3 {
         return Err(Error::data(format!(
-            "a map needs at least 2 points, got {n}"
+            "a map needs at least 3 points, got {n}"
         )));
     }
     if n > MAX_POINTS {
@@ -300,13 +303,17 @@ struct Knn {
     dist: Vec<f32>,
 }
 
-/// Query rows per batch and thread: a batch takes about 0.1 s at 13,576 × 64.
-const BATCH_ROWS_PER_THREAD: usize = 256;
+/// Multiply-adds per thread between two progress reports (about 0.1 s).
+const BATCH_WORK: usize = 1 << 30;
 /// Candidate rows per cache block.
 const CAND_BLOCK: usize = 256;
 /// Query rows per cache block.
 const QUERY_BLOCK: usize = 16;
 
+/// The `k` nearest other points of every point, the rows split over `threads` in
+/// batches of about `batch_work` multiply-adds per thread, with a progress report
+/// after each batch.
+#[allow(clippy::too_many_arguments)]
 fn nearest_neighbors(
     points: &[f32],
     n: usize,
@@ -314,6 +321,7 @@ fn nearest_neighbors(
     k: usize,
     metric: Metric,
     threads: usize,
+    batch_work: usize,
     progress: &mut dyn FnMut(Progress) -> Result<()>,
 ) -> Result<Knn> {
     let mut idx = vec![u32::MAX; n * k];
@@ -324,7 +332,8 @@ fn nearest_neighbors(
         done: 0,
         total: n,
     })?;
-    let batch = BATCH_ROWS_PER_THREAD * threads;
+    let rows_per_thread = (batch_work / (n * dim).max(1)).clamp(1, 4096);
+    let batch = rows_per_thread * threads;
     let mut start = 0;
     while start < n {
         let end = (start + batch).min(n);
@@ -1108,7 +1117,17 @@ mod tests {
                 row[0] = 1.0; // no zero vectors
             }
             let pts = prepare_points(&data, dim, metric);
-            let knn = nearest_neighbors(&pts, n, dim, k, metric, 3, &mut |_| Ok(())).unwrap();
+            // Batches of 7 rows per thread, 3 threads: 15 batches, the last one short.
+            let mut reports = Vec::new();
+            let knn = nearest_neighbors(&pts, n, dim, k, metric, 3, 7 * n * dim, &mut |p| {
+                reports.push(p.done);
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<usize> = std::iter::once(0)
+                .chain((1..=15).map(|b| (21 * b).min(n)))
+                .collect();
+            assert_eq!(reports, want);
             for i in 0..n {
                 let x = &pts[i * dim..(i + 1) * dim];
                 let mut all: Vec<(f32, u32)> = (0..n)
@@ -1167,8 +1186,17 @@ mod tests {
         let (n, dim, k) = (80, 5, 6);
         let data: Vec<f32> = (0..n * dim).map(|_| rng.normal() as f32).collect();
         let pts = prepare_points(&data, dim, Metric::Euclidean);
-        let knn =
-            nearest_neighbors(&pts, n, dim, k, Metric::Euclidean, 1, &mut |_| Ok(())).unwrap();
+        let knn = nearest_neighbors(
+            &pts,
+            n,
+            dim,
+            k,
+            Metric::Euclidean,
+            1,
+            BATCH_WORK,
+            &mut |_| Ok(()),
+        )
+        .unwrap();
         let g = fuzzy_graph(&knn, n);
         let mut m = std::collections::HashMap::new();
         for ((&h, &t), &w) in g.head.iter().zip(&g.tail).zip(&g.weight) {
