@@ -32,7 +32,8 @@ fn blobs(
     (data, labels)
 }
 
-/// Fraction of points whose `k` nearest other points in the map mostly share their label.
+/// Fraction of points whose `k` nearest other points in the map mostly share their label
+/// (ties in distance by index, ties in votes to the smallest label).
 fn knn_label_accuracy(map: &[[f32; 2]], labels: &[usize], k: usize) -> f64 {
     let n_labels = labels.iter().max().map_or(0, |m| m + 1);
     let mut right = 0;
@@ -48,8 +49,9 @@ fn knn_label_accuracy(map: &[[f32; 2]], labels: &[usize], k: usize) -> f64 {
         for &(_, j) in &d[..k] {
             votes[labels[j]] += 1;
         }
+        // Ties go to the smallest label, whatever the point's own.
         let best = (0..n_labels)
-            .max_by_key(|&l| (votes[l], l == labels[i]))
+            .max_by_key(|&l| (votes[l], std::cmp::Reverse(l)))
             .unwrap_or(0);
         if best == labels[i] {
             right += 1;
@@ -450,4 +452,91 @@ fn curve_parameters_match_umap_learn() {
             "spread {spread} min_dist {md}: got a={fa} b={fb}, want {a} {b}"
         );
     }
+}
+
+/// pbmc3k, as scanpy's basic recipe prepares it (normalise to 1e4, log1p, the 300 most
+/// variable genes, z-scored, clipped at 10): the map keeps the Seurat cell types
+/// together. Leave-one-out kNN-15 label accuracy over the annotated cells is 0.878 with
+/// cosine distance in the 300-gene space; the map scores 0.881. The initial layout
+/// alone (PCA) scores 0.73 and 20 epochs 0.85, so 0.86 needs the full optimisation.
+#[test]
+fn pbmc3k_cell_types_stay_together() {
+    use exceiver_core::data::{tenx, ObsValues};
+    use exceiver_core::preprocess::{log1p32, normalize_count};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pbmc3k");
+    let m = tenx::read(&dir).unwrap();
+    let (cells, genes) = (m.n_cells(), m.n_genes());
+    let mut rows = Vec::with_capacity(cells);
+    let (mut sum, mut sum2) = (vec![0f64; genes], vec![0f64; genes]);
+    for c in 0..cells {
+        let (g, k) = m.cell(c);
+        let total: f64 = k.iter().map(|&x| x as f64).sum();
+        let row: Vec<(usize, f64)> = g
+            .iter()
+            .zip(k)
+            .map(|(&g, &k)| (g as usize, log1p32(normalize_count(k, total)) as f64))
+            .collect();
+        for &(g, y) in &row {
+            sum[g] += y;
+            sum2[g] += y * y;
+        }
+        rows.push(row);
+    }
+    let n = cells as f64;
+    let var: Vec<f64> = (0..genes)
+        .map(|g| sum2[g] / n - (sum[g] / n).powi(2))
+        .collect();
+    let mut order: Vec<usize> = (0..genes).collect();
+    order.sort_by(|&a, &b| var[b].total_cmp(&var[a]).then(a.cmp(&b)));
+    let dim = 300;
+    let mut col = vec![usize::MAX; genes];
+    for (j, &g) in order[..dim].iter().enumerate() {
+        col[g] = j;
+    }
+    let z = |g: usize, y: f64| ((y - sum[g] / n) / var[g].sqrt()).min(10.0) as f32;
+    let mut data = Vec::with_capacity(cells * dim);
+    for row in &rows {
+        let mut v: Vec<f32> = order[..dim].iter().map(|&g| z(g, 0.0)).collect();
+        for &(g, y) in row {
+            if col[g] != usize::MAX {
+                v[col[g]] = z(g, y);
+            }
+        }
+        data.extend(v);
+    }
+    let labels = match m
+        .obs
+        .iter()
+        .find(|c| c.name == "seurat_annotations")
+        .map(|c| &c.values)
+    {
+        Some(ObsValues::Text(v)) => v.clone(),
+        other => panic!("no text column seurat_annotations: {other:?}"),
+    };
+
+    let o = MapOptions {
+        epochs: Some(200),
+        ..opts()
+    };
+    let map = umap_2d(&data, cells, dim, &o).unwrap();
+    // Score the annotated cells only.
+    let names: Vec<&str> = {
+        let mut v: Vec<&str> = labels.iter().flatten().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let keep: Vec<usize> = (0..cells).filter(|&i| labels[i].is_some()).collect();
+    let sub: Vec<[f32; 2]> = keep.iter().map(|&i| map[i]).collect();
+    let lab: Vec<usize> = keep
+        .iter()
+        .map(|&i| {
+            names
+                .binary_search(&labels[i].as_deref().unwrap_or(""))
+                .unwrap_or(0)
+        })
+        .collect();
+    let acc = knn_label_accuracy(&sub, &lab, 15);
+    eprintln!("pbmc3k map: kNN-15 label accuracy {acc:.4}");
+    assert!(acc >= 0.86, "kNN-15 label accuracy in the pbmc3k map {acc}");
 }
