@@ -187,10 +187,12 @@ pub fn umap_2d_with_progress(
         progress,
     )?;
     let graph = fuzzy_graph(&knn, n);
-    let (a, b) = fit_ab(opts.min_dist as f64, 1.0);
+    drop(knn);
     let init = pca_init(&points, n, dim, opts.seed);
+    drop(points);
+    let (a, b) = fit_ab(opts.min_dist as f64, 1.0);
     optimize_layout(
-        init, &graph, n_epochs, a as f32, b as f32, opts.seed, progress,
+        init, graph, n_epochs, a as f32, b as f32, opts.seed, progress,
     )
 }
 
@@ -997,7 +999,7 @@ pub fn fit_ab(min_dist: f64, spread: f64) -> (f64, f64) {
 #[allow(clippy::too_many_arguments)]
 fn optimize_layout(
     mut emb: Vec<[f32; 2]>,
-    graph: &Graph,
+    graph: Graph,
     n_epochs: usize,
     a: f32,
     b: f32,
@@ -1017,19 +1019,21 @@ fn optimize_layout(
         default_epochs(n)
     };
     let threshold = max_w / threshold_epochs as f32;
-    let mut head = Vec::new();
-    let mut tail = Vec::new();
-    let mut eps = Vec::new();
+    // Per edge: head, tail, and the sampling schedule in epochs (umap-learn's
+    // epochs_per_sample = max / w; negative samples 5 times as often).
+    let mut head: Vec<u32> = Vec::new();
+    let mut tail: Vec<u32> = Vec::new();
+    let mut eps: Vec<f64> = Vec::new();
     for ((&h, &t), &w) in graph.head.iter().zip(&graph.tail).zip(&graph.weight) {
         if w >= threshold && w > 0.0 {
-            head.push(h as usize);
-            tail.push(t as usize);
+            head.push(h);
+            tail.push(t);
             eps.push(max_w as f64 / w as f64);
         }
     }
-    let eps_neg: Vec<f64> = eps.iter().map(|e| e / NEGATIVE_SAMPLE_RATE).collect();
+    drop(graph);
     let mut next = eps.clone();
-    let mut next_neg = eps_neg.clone();
+    let mut next_neg: Vec<f64> = eps.iter().map(|e| e / NEGATIVE_SAMPLE_RATE).collect();
     let mut rng = Rng::new(seed ^ 0x5347_445F_554D_4150);
     for epoch in 0..n_epochs {
         // umap-learn updates alpha after each epoch, so epochs 0 and 1 both use 1.
@@ -1039,7 +1043,7 @@ fn optimize_layout(
             if next[e] > now {
                 continue;
             }
-            let (j, k) = (head[e], tail[e]);
+            let (j, k) = (head[e] as usize, tail[e] as usize);
             let cur = emb[j];
             let oth = emb[k];
             let (dx, dy) = (cur[0] - oth[0], cur[1] - oth[1]);
@@ -1056,7 +1060,8 @@ fn optimize_layout(
             emb[k] = [oth[0] - gx, oth[1] - gy];
             next[e] += eps[e];
 
-            let n_neg = ((now - next_neg[e]) / eps_neg[e]).max(0.0) as usize;
+            let eps_neg = eps[e] / NEGATIVE_SAMPLE_RATE;
+            let n_neg = ((now - next_neg[e]) / eps_neg).max(0.0) as usize;
             for _ in 0..n_neg {
                 let s = rng.below(n);
                 if s == j {
@@ -1072,7 +1077,7 @@ fn optimize_layout(
                 }
             }
             emb[j] = cur;
-            next_neg[e] += n_neg as f64 * eps_neg[e];
+            next_neg[e] += n_neg as f64 * eps_neg;
         }
         progress(Progress {
             stage: Stage::Optimize,
