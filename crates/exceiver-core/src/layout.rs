@@ -349,14 +349,25 @@ fn nearest_neighbors(
             .map(|(t, (i, d))| (start + t * per, i, d))
             .collect();
         let first = parts.remove(0);
-        std::thread::scope(|s| {
+        let spawn_error = std::thread::scope(|s| {
+            let mut spawn_error = None;
             for (q0, i, d) in parts {
-                s.spawn(move || knn_rows(&kernel, points, n, dim, k, metric, q0, i, d));
+                let job = move || knn_rows(&kernel, points, n, dim, k, metric, q0, i, d);
+                if let Err(e) = std::thread::Builder::new().spawn_scoped(s, job) {
+                    spawn_error = Some(e);
+                }
             }
-            knn_rows(
-                &kernel, points, n, dim, k, metric, first.0, first.1, first.2,
-            );
+            let (q0, i, d) = first;
+            knn_rows(&kernel, points, n, dim, k, metric, q0, i, d);
+            spawn_error
         });
+        if let Some(e) = spawn_error {
+            return Err(Error::new(
+                Kind::Limit,
+                format!("could not start a thread for the neighbour search: {e}"),
+            )
+            .with_hint("use fewer threads"));
+        }
         start = end;
         progress(Progress {
             stage: Stage::Neighbors,
