@@ -1,11 +1,14 @@
 //! The pure core of exceiver: the Exceiver model (arXiv 2210.14330), its preprocessing,
-//! and readers for single-cell files. No PostgreSQL dependency: everything here is
+//! readers for single-cell files, and 2-D maps of embeddings ([`layout`], UMAP) drawn
+//! as PNG scatter plots ([`plot`]). No PostgreSQL dependency: everything here is
 //! tested with plain `cargo test`, and the pgrx crate maps SQL onto it.
 
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod layout;
 pub mod model;
+pub mod plot;
 pub mod preprocess;
 pub mod train;
 
