@@ -98,6 +98,7 @@ fn embedding_map(
     }
     let t0 = Instant::now();
     let col = quote_ident(embedding_column);
+    let cosine = opts.metric == Metric::Cosine;
     let (ids, data, dim, nulls) = Spi::connect(|c| {
         let mut ids: Vec<String> = Vec::new();
         let mut data: Vec<f32> = Vec::new();
@@ -132,7 +133,21 @@ fn embedding_map(
                         format!("embedding of cell \"{id}\" has a NULL element"),
                     ));
                 }
-                data.extend(v.into_iter().flatten());
+                let v: Vec<f32> = v.into_iter().flatten().collect();
+                if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                    raise(Error::data(format!(
+                        "embedding of cell \"{id}\" has a non-finite value {x}"
+                    )));
+                }
+                if cosine && v.iter().all(|&x| x == 0.0) {
+                    raise(
+                        Error::data(format!(
+                            "embedding of cell \"{id}\" is a zero vector, for which cosine distance is undefined"
+                        ))
+                        .with_hint("Leave zero vectors out, or use the option \"metric\": \"euclidean\"."),
+                    );
+                }
+                data.extend(v);
                 ids.push(id);
             }
             check_for_interrupts!();

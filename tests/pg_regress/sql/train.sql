@@ -14,6 +14,8 @@ SELECT name, kind, n_genes > 100 AS many_genes, embedding_dim, has_scaler, paren
        jsonb_array_length((SELECT history FROM exceiver.model_catalog WHERE name = 'tiny')) AS history_epochs,
        metrics ? 'best_val_mse' AND metrics ? 'n_mask' AS has_metrics
 FROM exceiver.models WHERE name = 'tiny';
+-- the small preset's choices, recorded in the config: expressed-only attention, value embedding
+SELECT config->>'attention' AS attention, config->>'value_embedding' AS value_embedding FROM exceiver.models WHERE name = 'tiny';
 -- reproducible: the same options, seed and exceiver.threads give the same weights, byte for byte
 SET client_min_messages = warning;
 SELECT model FROM exceiver.train('tiny_again', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
@@ -52,6 +54,8 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"epoch": 3}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"learning_rate": -1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
@@ -61,6 +65,7 @@ SELECT * FROM exceiver.train('x', 'empty_cells');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}');
 UPDATE kang_small SET stim = 'CTRL';
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
 SELECT count(*) AS no_model_x FROM exceiver.models WHERE name = 'x';
