@@ -2,6 +2,7 @@
 #
 #   make install   set-up, release build, install into the system PostgreSQL 15
 #   make db        a local PostgreSQL 15 cluster (OS user postgres), extension created
+#   make db-reset  drop the database and create it afresh (after upgrading exceiver)
 #   make db-stop   stop it
 #   make psql      a psql session in it
 #   make demo      the end-to-end demo on the real data in data/
@@ -11,6 +12,7 @@
 PG_CONFIG ?= /usr/bin/pg_config
 PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)
 PGXS_DIR  := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null) 2>/dev/null)
+SHAREDIR  := $(shell $(PG_CONFIG) --sharedir 2>/dev/null)
 PGPORT    ?= 5488
 PGHOST    ?= /tmp
 PGUSER    := postgres
@@ -21,7 +23,7 @@ RUNAS     := sudo -u $(PGUSER)
 PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-stop psql demo test test-core test-pg test-regress bench fmt check-access
+.PHONY: setup install db db-reset db-stop psql demo test test-core test-pg test-regress bench fmt check-access
 
 setup:
 	bash scripts/setup.sh
@@ -40,6 +42,11 @@ db: install
 	@$(PSQL) -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$(DB)'" | grep -q 1 || \
 	  $(PSQL) -d postgres -qc "CREATE DATABASE $(DB)"
 	@$(PSQL) -d $(DB) -qc "CREATE EXTENSION IF NOT EXISTS exceiver CASCADE"
+	@n_db=$$($(PSQL) -d $(DB) -tAc "SELECT count(*) FROM pg_proc WHERE pronamespace = 'exceiver'::regnamespace"); \
+	  n_new=$$(cat $(SHAREDIR)/extension/exceiver--*.sql | grep -c 'CREATE\s*FUNCTION'); \
+	  if [ "$$n_db" != "$$n_new" ]; then \
+	    echo "make db: database '$(DB)' holds an older build of exceiver ($$n_db functions; the installed one has $$n_new)."; \
+	    echo "         'make db-reset' drops database '$(DB)' (and the models in it) and creates it afresh."; exit 1; fi
 	@echo "database '$(DB)' ready: psql -h $(PGHOST) -p $(PGPORT) -U $(PGUSER) $(DB)  (or: make psql)"
 
 # The server (OS user postgres) reads data/ and fixtures/ in tests and the demo: make
@@ -49,6 +56,10 @@ check-access:
 	  d=$(CURDIR); while [ "$$d" != / ]; do chmod o+x "$$d"; d=$$(dirname "$$d"); done; \
 	  chmod -R o+rX $(CURDIR)/data $(CURDIR)/fixtures; \
 	  echo "made data/ and fixtures/ readable by the OS user $(PGUSER), which runs the server"; }
+
+db-reset:
+	@$(PSQL) -d postgres -qc "DROP DATABASE IF EXISTS $(DB)" 2>/dev/null || true
+	$(MAKE) db
 
 db-stop:
 	@$(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -m fast stop 2>/dev/null || true
