@@ -2,6 +2,7 @@
 //! and readers for single-cell files. No PostgreSQL dependency: everything here is
 //! tested with plain `cargo test`, and the pgrx crate maps SQL onto it.
 
+pub mod accel;
 pub mod data;
 pub mod device;
 pub mod error;
