@@ -1,6 +1,6 @@
 //! Batched inference on a candle device: [`DeviceModel`].
 
-use super::net::{needs_zero_terms, EncIn, Net, ZeroTerms};
+use super::net::{needs_zero_terms, EncIn, Net, RowIds, ZeroTerms};
 use super::pack::{check_cell, pack_cells, pack_queries, plan_chunks, CellRef, Seen};
 use super::{compute_err, upload_params, DEFAULT_BATCH_ELEMENTS};
 use crate::error::{Error, Result};
@@ -191,11 +191,7 @@ impl DeviceModel {
             scatter(&lat, idx, nd, &mut embedding)?;
             let lists: Vec<Vec<u32>> = idx.iter().map(|&i| queries[i].to_vec()).collect();
             let (rows, qm) = pack_queries(&self.cfg, &lists, classes.is_some());
-            let rows_t = Tensor::from_vec(
-                rows,
-                idx.len() * (qm + usize::from(classes.is_some())),
-                &self.dev,
-            )?;
+            let rows_t = self.row_ids(&rows)?;
             let dec = self.net.decode(&self.cfg, &lat, &rows_t)?;
             if qm > 0 {
                 let p = self
@@ -231,7 +227,7 @@ impl DeviceModel {
         let class_row = self.cfg.seq_len as u32 + 1;
         self.for_chunks(cells, 1, |idx, inp| {
             let lat = self.latent(inp)?;
-            let rows = Tensor::from_vec(vec![class_row; idx.len()], idx.len(), &self.dev)?;
+            let rows = self.row_ids(&vec![class_row; idx.len()])?;
             let dec = self.net.decode(&self.cfg, &lat, &rows)?;
             self.class_logits(&dec.squeeze(1)?, idx, c, &mut out)
         })?;
@@ -239,6 +235,11 @@ impl DeviceModel {
     }
 
     // ------------------------------------------------------------------ internals
+
+    fn row_ids(&self, rows: &[u32]) -> candle_core::Result<RowIds> {
+        let c = &self.cfg;
+        RowIds::new(rows, 0, c.emb_rows(), c.seq_dim, false, &self.dev)
+    }
 
     fn latent(&self, inp: &EncIn) -> candle_core::Result<Tensor> {
         let enc = self
@@ -289,7 +290,7 @@ impl DeviceModel {
                 })
                 .collect();
             let host = pack_cells(cfg, &refs);
-            let inp = EncIn::upload(&host, cfg.seq_len, &self.dev).map_err(compute_err)?;
+            let inp = EncIn::upload(&host, cfg, &self.dev, false).map_err(compute_err)?;
             f(&idx, &inp).map_err(compute_err)?;
         }
         Ok(())

@@ -96,8 +96,8 @@ pub(crate) struct ZeroTerms {
 pub(crate) struct EncIn {
     pub(crate) b: usize,
     pub(crate) l: usize,
-    /// Embedding row per entry `[B·L]` (gene, or the mask token G).
-    tok: Tensor,
+    /// Embedding row per entry, `B·L` of them (gene, or the mask token G).
+    tok: RowIds,
     /// Model input value per entry `[B, L, 1]`.
     val: Tensor,
     /// 0 for a key, `PAD` for padding, `[B, 1, L]`.
@@ -122,8 +122,80 @@ pub(crate) struct EncHost {
     pub(crate) nonempty: Option<Vec<f32>>,
 }
 
+/// Embedding rows to gather. For inference a plain `index_select`. For training the
+/// ids are split into groups that each gather from their own (broadcast) copy of the
+/// table: the backward pass of `index_select` is candle's CUDA `index_add`, which
+/// runs one thread per table column and loops over all ids (4 threads for d = 4, over
+/// ~10^5 ids per batch); the grouped gather's backward is a `scatter_add` with one
+/// thread per (group, column) looping over one group's ids, and a sum over groups.
+pub(crate) enum RowIds {
+    Select(Tensor),
+    Grouped {
+        /// `[P, S, d]`: group p's S ids, each repeated over the d columns
+        ids: Tensor,
+        groups: usize,
+        n: usize,
+    },
+}
+
+/// Elements of the per-group table copies of a grouped gather (2^24 f32: 64 MiB).
+const GROUPED_COPY_ELEMENTS: usize = 1 << 24;
+
+impl RowIds {
+    /// `ids` index a table of `rows × d`; `pad_row` fills the last group.
+    pub(crate) fn new(
+        ids: &[u32],
+        pad_row: u32,
+        rows: usize,
+        d: usize,
+        grouped: bool,
+        dev: &Device,
+    ) -> Result<RowIds> {
+        let n = ids.len();
+        if !grouped {
+            return Ok(RowIds::Select(Tensor::from_slice(ids, n, dev)?));
+        }
+        let groups = n
+            .div_ceil(64)
+            .min(256)
+            .min((GROUPED_COPY_ELEMENTS / (rows * d).max(1)).max(1))
+            .max(1);
+        let per = n.div_ceil(groups).max(1);
+        let mut v = Vec::with_capacity(groups * per * d);
+        for k in 0..groups * per {
+            let id = ids.get(k).copied().unwrap_or(pad_row);
+            v.extend(std::iter::repeat_n(id, d));
+        }
+        Ok(RowIds::Grouped {
+            ids: Tensor::from_vec(v, (groups, per, d), dev)?,
+            groups,
+            n,
+        })
+    }
+
+    /// The rows, `[n, d]`.
+    pub(crate) fn gather(&self, table: &Tensor) -> Result<Tensor> {
+        match self {
+            RowIds::Select(ids) => table.index_select(ids, 0),
+            RowIds::Grouped { ids, groups, n } => {
+                let (rows, d) = table.dims2()?;
+                let per = ids.dim(1)?;
+                table
+                    .unsqueeze(0)?
+                    .broadcast_as((*groups, rows, d))?
+                    .contiguous()?
+                    .gather(ids, 1)?
+                    .reshape((groups * per, d))?
+                    .narrow(0, 0, *n)
+            }
+        }
+    }
+}
+
 impl EncIn {
-    pub(crate) fn upload(h: &EncHost, g: usize, dev: &Device) -> Result<EncIn> {
+    /// `grouped`: gather embedding rows for training (see [`RowIds`]).
+    pub(crate) fn upload(h: &EncHost, cfg: &Config, dev: &Device, grouped: bool) -> Result<EncIn> {
+        let g = cfg.seq_len;
         let (b, l) = (h.b, h.l);
         let notexpr = match &h.expressed {
             Some(e) => Some(
@@ -140,7 +212,7 @@ impl EncIn {
         Ok(EncIn {
             b,
             l,
-            tok: Tensor::from_slice(&h.tok, b * l, dev)?,
+            tok: RowIds::new(&h.tok, g as u32, cfg.emb_rows(), cfg.seq_dim, grouped, dev)?,
             val: Tensor::from_slice(&h.val, (b, l, 1), dev)?,
             pad: Tensor::from_slice(&h.pad, (b, 1, l), dev)?,
             notexpr,
@@ -280,9 +352,9 @@ impl Net {
         let hd = d / h;
         let dev = q.device();
         let enc = &self.enc;
-        let kv = self
-            .gene_emb
-            .index_select(&x.tok, 0)?
+        let kv = x
+            .tok
+            .gather(&self.gene_emb)?
             .reshape((b, l, d))?
             .broadcast_mul(&x.val)?;
         let kn = layer_norm(&kv, &enc.ln_kv)?;
@@ -390,18 +462,16 @@ impl Net {
         layer_norm(&(x1 + f)?, &lp.n2)
     }
 
-    /// Decoder output `[B, Q, d]`: queries are the embedding rows `rows` (`[B·Q]`),
-    /// keys and values the processed latent `[B, N, d]`.
-    pub(crate) fn decode(&self, cfg: &Config, lat: &Tensor, rows: &Tensor) -> Result<Tensor> {
+    /// Decoder output `[B, Q, d]`: queries are the embedding rows `rows` (B·Q of
+    /// them), keys and values the processed latent `[B, N, d]`.
+    pub(crate) fn decode(&self, cfg: &Config, lat: &Tensor, rows: &RowIds) -> Result<Tensor> {
         let (b, _, d) = lat.dims3()?;
-        let q_len = rows.dim(0)? / b.max(1);
+        let eq = rows.gather(&self.gene_emb)?;
+        let q_len = eq.dim(0)? / b.max(1);
         let h = cfg.cross_heads;
         let hd = d / h;
         let dec = &self.dec;
-        let eq = self
-            .gene_emb
-            .index_select(rows, 0)?
-            .reshape((b, q_len, d))?;
+        let eq = eq.reshape((b, q_len, d))?;
         let qn = layer_norm(&eq, &dec.ln_q)?;
         let q = heads(&linear(&qn, &dec.attn.q)?, h)?.affine(1.0 / (hd as f64).sqrt(), 0.0)?;
         let kn = layer_norm(lat, &dec.ln_kv)?;

@@ -11,7 +11,7 @@
 //! exact).
 
 use super::model::{check_zero_fill, per_cell_elements};
-use super::net::{needs_zero_terms, EncIn, Net};
+use super::net::{needs_zero_terms, EncIn, Net, RowIds};
 use super::pack::{check_train_cell, pack_cells, pack_queries, plan_chunks, CellRef, Seen};
 use super::{compute_err, DEFAULT_BATCH_ELEMENTS};
 use crate::error::{Error, Result};
@@ -352,7 +352,7 @@ impl DeviceTrainer {
             })
             .collect();
         let host = pack_cells(cfg, &refs);
-        let inp = EncIn::upload(&host, cfg.seq_len, dev)?;
+        let inp = EncIn::upload(&host, cfg, dev, true)?;
         let enc = self.net.encode(cfg, q, zt, &inp)?;
         let lat = self.net.process(cfg, &enc, false)?.pop().unwrap_or(enc);
         let lists: Vec<Vec<u32>> = idx
@@ -362,7 +362,8 @@ impl DeviceTrainer {
         let (rows, qm) = pack_queries(cfg, &lists, classes.is_some());
         let b = idx.len();
         let width = qm + usize::from(classes.is_some());
-        let rows = Tensor::from_vec(rows, b * width, dev)?;
+        debug_assert_eq!(rows.len(), b * width);
+        let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
         let dec = self.net.decode(cfg, &lat, &rows)?;
         let mut loss = Tensor::zeros((), DType::F32, dev)?;
         let (mut sse, mut ce) = (0.0f64, 0.0f64);
