@@ -34,8 +34,12 @@ pub struct DeviceTrainer {
     zf: Tensor,
     zero_fill: Vec<f32>,
     opts: TrainOpts,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// Adam's moments, all parameters flat in `vars` order (one update is a handful of
+    /// kernels rather than a handful per tensor)
+    m: Tensor,
+    v: Tensor,
+    /// 1 per parameter, 0 on the mask token's embedding row, flat
+    keep_flat: Tensor,
     t: u64,
     /// position of `gene_emb.weight` in `vars`
     emb: usize,
@@ -109,23 +113,21 @@ impl DeviceTrainer {
             .zip(vars.iter().map(|v| v.as_tensor().clone()))
             .collect();
         let net = Net::build(&cfg, &map).map_err(compute_err)?;
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
-        let m = vars
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>();
-        let v = vars
-            .iter()
-            .map(zeros)
-            .collect::<candle_core::Result<Vec<_>>>();
+        let total: usize = vars.iter().map(|v| v.elem_count()).sum();
         let rows = cfg.emb_rows();
         let mut keep = vec![1.0f32; rows];
         keep[g] = 0.0;
         let keep = Tensor::from_vec(keep, (rows, 1), dev).map_err(compute_err)?;
+        let emb_off: usize = vars[..emb].iter().map(|v| v.elem_count()).sum();
+        let mut keep_flat = vec![1.0f32; total];
+        keep_flat[emb_off + g * d..emb_off + (g + 1) * d].fill(0.0);
+        let keep_flat = Tensor::from_vec(keep_flat, total, dev).map_err(compute_err)?;
+        let zeros = || Tensor::zeros(total, DType::F32, dev).map_err(compute_err);
         let zf = Tensor::from_slice(&zero_fill, (g, 1), dev).map_err(compute_err)?;
         Ok(DeviceTrainer {
-            m: m.map_err(compute_err)?,
-            v: v.map_err(compute_err)?,
+            m: zeros()?,
+            v: zeros()?,
+            keep_flat,
             cfg,
             dev: dev.clone(),
             names,
@@ -156,9 +158,18 @@ impl DeviceTrainer {
         let grads = r
             .grads
             .ok_or_else(|| Error::internal("the backward pass gave no gradients"))?;
-        self.check_finite(&grads)?;
+        let flat = Tensor::cat(
+            &grads
+                .iter()
+                .map(|g| g.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(compute_err)?,
+            0,
+        )
+        .map_err(compute_err)?;
+        self.check_finite(&flat, &grads)?;
         let lr = self.opts.lr_at(self.t);
-        self.adam(&grads, lr).map_err(compute_err)?;
+        self.adam(&flat, lr).map_err(compute_err)?;
         Ok(r.stats)
     }
 
@@ -418,14 +429,12 @@ impl DeviceTrainer {
         Ok((Some(loss), sse, ce))
     }
 
-    /// Refuse a step whose gradient holds NaN or ±∞ (naming the first such tensor).
-    fn check_finite(&self, grads: &[Tensor]) -> Result<()> {
-        let total = grads
-            .iter()
-            .map(|g| g.abs().and_then(|a| a.sum_all()))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .and_then(|s| Tensor::stack(&s, 0))
-            .and_then(|s| s.sum_all())
+    /// Refuse a step whose gradient (`flat`, and per tensor `grads`) holds NaN or ±∞,
+    /// naming the first such tensor.
+    fn check_finite(&self, flat: &Tensor, grads: &[Tensor]) -> Result<()> {
+        let total = flat
+            .abs()
+            .and_then(|a| a.sum_all())
             .and_then(|s| s.to_scalar::<f32>())
             .map_err(compute_err)?;
         if total.is_finite() {
@@ -447,9 +456,10 @@ impl DeviceTrainer {
         Ok(())
     }
 
-    /// One Adam update (`torch.optim.Adam`: coupled L2 weight decay, bias correction),
-    /// in the order and f32 arithmetic of [`crate::train::Adam::update`].
-    fn adam(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+    /// One Adam update (`torch.optim.Adam`: coupled L2 weight decay, bias correction)
+    /// of all parameters at once from their flat gradient, in the order and f32
+    /// arithmetic of [`crate::train::Adam::update`]; the mask token's row stays zero.
+    fn adam(&mut self, grad: &Tensor, lr: f64) -> candle_core::Result<()> {
         self.t += 1;
         let (b1, b2) = self.opts.betas;
         let t = self.t.min(i32::MAX as u64) as i32;
@@ -461,22 +471,29 @@ impl DeviceTrainer {
         let bc2_sqrt = Tensor::new(bc2.sqrt() as f32, &self.dev)?;
         let (b1f, b2f) = (b1 as f32, b2 as f32);
         let (wd, eps) = (f(self.opts.weight_decay as f32), f(self.opts.eps as f32));
-        for (i, grad) in grads.iter().enumerate() {
-            let x = self.vars[i].as_detached_tensor();
-            // g = grad + wd·x; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g·g
-            let g = (grad + x.affine(wd, 0.0)?)?;
-            let m = (self.m[i].affine(f(b1f), 0.0)? + g.affine(f(1.0 - b1f), 0.0)?)?;
-            let v = (self.v[i].affine(f(b2f), 0.0)? + (g.affine(f(1.0 - b2f), 0.0)? * &g)?)?;
-            // x −= step·m / (√v / √bc2 + ε)
-            let denom = v.sqrt()?.broadcast_div(&bc2_sqrt)?.affine(1.0, eps)?;
-            let mut new = (&x - m.affine(step_size, 0.0)?.div(&denom)?)?;
-            if i == self.emb {
-                new = new.broadcast_mul(&self.keep)?;
-            }
-            self.vars[i].set(&new)?;
-            self.m[i] = m;
-            self.v[i] = v;
+        let x = Tensor::cat(
+            &self
+                .vars
+                .iter()
+                .map(|v| v.as_detached_tensor().flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        // g = grad + wd·x; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g·g
+        let g = (grad + x.affine(wd, 0.0)?)?;
+        let m = (self.m.affine(f(b1f), 0.0)? + g.affine(f(1.0 - b1f), 0.0)?)?;
+        let v = (self.v.affine(f(b2f), 0.0)? + (g.affine(f(1.0 - b2f), 0.0)? * &g)?)?;
+        // x −= step·m / (√v / √bc2 + ε)
+        let denom = v.sqrt()?.broadcast_div(&bc2_sqrt)?.affine(1.0, eps)?;
+        let new = ((&x - m.affine(step_size, 0.0)?.div(&denom)?)? * &self.keep_flat)?;
+        let mut off = 0;
+        for var in &self.vars {
+            let n = var.elem_count();
+            var.set(&new.narrow(0, off, n)?.reshape(var.dims())?)?;
+            off += n;
         }
+        self.m = m;
+        self.v = v;
         Ok(())
     }
 }
