@@ -485,3 +485,40 @@ fn bad_batches_are_errors_and_leave_the_weights() {
     let g = cfg.seq_len;
     assert!(p.gene_emb[g * 4..(g + 1) * 4].iter().all(|&x| x == 0.0));
 }
+
+/// `AnyTrainer` on the CPU is the hand-written trainer (the same weights, bit for bit);
+/// a GPU in a build without the `cuda` feature is refused.
+#[test]
+fn any_trainer_picks_the_device() {
+    use exceiver_core::accel::AnyTrainer;
+    use exceiver_core::device::Device as Dev;
+    let cfg = tiny(AttentionMode::Reference, 4, 4, 4, None);
+    let params = Params::init(&cfg, 3).unwrap();
+    let zf = vec![0.25f32; cfg.seq_len];
+    let mut rng = Rng::new(3);
+    let cells = random_cells(&cfg, &mut rng, 5);
+    let opts = TrainOpts {
+        threads: 1,
+        ..TrainOpts::default()
+    };
+    let mut a = AnyTrainer::new(
+        cfg.clone(),
+        params.clone(),
+        zf.clone(),
+        opts.clone(),
+        Dev::Cpu,
+    )
+    .unwrap();
+    let mut t = Trainer::new(cfg.clone(), params.clone(), zf.clone(), opts.clone()).unwrap();
+    for _ in 0..2 {
+        assert_eq!(a.train_step(&cells).unwrap(), t.train_step(&cells).unwrap());
+    }
+    assert_eq!(a.steps_done(), 2);
+    assert_eq!(a.next_lr(), t.next_lr());
+    assert_eq!(*a.params().unwrap(), *t.params());
+    assert_eq!(a.eval_loss(&cells).unwrap(), t.eval_loss(&cells).unwrap());
+    if !cfg!(feature = "cuda") {
+        let e = AnyTrainer::new(cfg, params, zf, opts, Dev::Cuda(0)).unwrap_err();
+        assert!(e.message.contains("CPU only"), "{}", e.message);
+    }
+}

@@ -518,3 +518,94 @@ pub fn loss_and_grads(
     )?
     .loss_and_grads(cells)
 }
+
+/// A trainer on the device that `exceiver.device` names: the hand-written
+/// [`crate::train::Trainer`] for the CPU (the fastest there), a [`DeviceTrainer`] for a
+/// GPU. The same methods as both; weights come back as a copy from a GPU.
+#[derive(Debug)]
+pub enum AnyTrainer {
+    Cpu(crate::train::Trainer),
+    Device(DeviceTrainer),
+}
+
+impl AnyTrainer {
+    /// A trainer for `params` on `device` (opened with [`crate::device::Device::open`]:
+    /// a GPU in a build without the `cuda` feature, or one that is not there, is an
+    /// error).
+    pub fn new(
+        cfg: Config,
+        params: Params,
+        zero_fill: Vec<f32>,
+        opts: TrainOpts,
+        device: crate::device::Device,
+    ) -> Result<AnyTrainer> {
+        match device {
+            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(crate::train::Trainer::new(
+                cfg, params, zero_fill, opts,
+            )?)),
+            d => Ok(AnyTrainer::Device(DeviceTrainer::new(
+                cfg,
+                params,
+                zero_fill,
+                opts,
+                &d.open()?,
+            )?)),
+        }
+    }
+
+    /// See [`crate::train::Trainer::train_step`].
+    pub fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        match self {
+            AnyTrainer::Cpu(t) => t.train_step(cells),
+            AnyTrainer::Device(t) => t.train_step(cells),
+        }
+    }
+
+    /// See [`crate::train::Trainer::eval_stats`].
+    pub fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        match self {
+            AnyTrainer::Cpu(t) => t.eval_stats(cells),
+            AnyTrainer::Device(t) => t.eval_stats(cells),
+        }
+    }
+
+    pub fn eval_loss(&mut self, cells: &[TrainCell]) -> Result<f64> {
+        Ok(self.eval_stats(cells)?.loss)
+    }
+
+    /// The current weights (borrowed on the CPU, copied from a GPU).
+    pub fn params(&self) -> Result<std::borrow::Cow<'_, Params>> {
+        match self {
+            AnyTrainer::Cpu(t) => Ok(std::borrow::Cow::Borrowed(t.params())),
+            AnyTrainer::Device(t) => Ok(std::borrow::Cow::Owned(t.params()?)),
+        }
+    }
+
+    pub fn into_params(self) -> Result<Params> {
+        match self {
+            AnyTrainer::Cpu(t) => Ok(t.into_params()),
+            AnyTrainer::Device(t) => t.into_params(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        match self {
+            AnyTrainer::Cpu(t) => t.config(),
+            AnyTrainer::Device(t) => t.config(),
+        }
+    }
+
+    pub fn steps_done(&self) -> u64 {
+        match self {
+            AnyTrainer::Cpu(t) => t.steps_done(),
+            AnyTrainer::Device(t) => t.steps_done(),
+        }
+    }
+
+    pub fn next_lr(&self) -> f64 {
+        match self {
+            AnyTrainer::Cpu(t) => t.next_lr(),
+            AnyTrainer::Device(t) => t.next_lr(),
+        }
+    }
+}
