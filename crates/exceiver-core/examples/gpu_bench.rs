@@ -147,22 +147,26 @@ fn run() -> BoxResult<()> {
         }
     }
 
+    let batches: Vec<usize> = batches.into_iter().filter(|&b| b > 0).collect();
+    let training = !flag("--skip-train") && train_steps > 0 && train_batch > 0;
+    if batches.is_empty() && !training {
+        return finish(failed);
+    }
     let mut cfg_b = cfg.clone();
     cfg_b.attention = mode;
     let mut rng = Rng::new(20240611);
     let cells = synthetic_cells(cfg.seq_len, n_cells.max(1), nnz, &mut rng);
     let mean_nnz = cells.iter().map(|c| c.0.len()).sum::<usize>() as f64 / cells.len() as f64;
-    println!(
-        "\nembedding: {} synthetic cells, mean {mean_nnz:.0} expressed genes, attention {mode:?}, median of {repeat} runs",
-        cells.len()
-    );
-    let native = flag("--native").then(|| {
+    if !batches.is_empty() {
+        println!(
+            "\nembedding: {} synthetic cells, mean {mean_nnz:.0} expressed genes, attention {mode:?}, median of {repeat} runs",
+            cells.len()
+        );
+    }
+    let native = (flag("--native") && !batches.is_empty()).then(|| {
         Exceiver::new(cfg_b.clone(), params.clone(), zero_fill.clone()).inspect(|m| m.warm_up())
     });
     for &bs in &batches {
-        if bs == 0 {
-            continue;
-        }
         // room for the whole batch in one chunk
         let longest = cells.iter().map(|c| c.0.len()).max().unwrap_or(1);
         let budget = bs * cfg.cross_heads * cfg.query_len * (longest + 2);
@@ -192,7 +196,7 @@ fn run() -> BoxResult<()> {
         );
     }
 
-    if !flag("--skip-train") && train_steps > 0 && train_batch > 0 {
+    if training {
         let batches: Vec<Vec<TrainCell>> = (0..=train_steps)
             .map(|_| train_cells(&cells, train_batch, n_mask, &mut rng))
             .collect::<Result<_, _>>()?;
@@ -243,6 +247,10 @@ fn run() -> BoxResult<()> {
             );
         }
     }
+    finish(failed)
+}
+
+fn finish(failed: usize) -> BoxResult<()> {
     if failed > 0 {
         println!("\n{failed} parity check(s) FAILED");
         std::process::exit(1);
@@ -419,7 +427,7 @@ impl Checks {
             self.failed += 1;
         }
         println!(
-            "  {:<48} {err:>10.3e}  (tolerance {tol:.0e})  {}",
+            "  {:<52} {err:>10.3e}  (tolerance {tol:.0e})  {}",
             what,
             if ok { "ok" } else { "FAILED" }
         );
