@@ -407,6 +407,12 @@ fn read_st(path: &Path) -> BoxResult<HashMap<String, T>> {
     Ok(out)
 }
 
+/// A fixture tensor, or an error naming it.
+fn get<'a>(m: &'a HashMap<String, T>, name: &str) -> BoxResult<&'a T> {
+    m.get(name)
+        .ok_or_else(|| format!("the fixtures lack tensor \"{name}\"").into())
+}
+
 fn rel(a: &[f32], b: &[f64]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;
@@ -457,7 +463,7 @@ fn parity(
     };
     let out = read_st(&dir.join(outputs))?;
     let nd = cfg.embedding_len();
-    let b = inp["cell_indptr"].v.len() - 1;
+    let b = get(inp, "cell_indptr")?.v.len().saturating_sub(1);
     if out.get("embedding").is_none_or(|e| e.v.len() != b * nd)
         || out
             .get("process_layer_outputs")
@@ -470,11 +476,15 @@ fn parity(
         "\nparity with {} (normwise relative errors):",
         dir.join(outputs).display()
     );
-    let indptr: Vec<usize> = inp["cell_indptr"].v.iter().map(|&x| x as usize).collect();
-    let genes = inp["cell_gene_ids"].u32();
-    let vals = inp["cell_model_vals"].f32();
-    let q = inp["query_ids"].u32();
-    let qn = inp["query_ids"].shape[1];
+    let indptr: Vec<usize> = get(inp, "cell_indptr")?
+        .v
+        .iter()
+        .map(|&x| x as usize)
+        .collect();
+    let genes = get(inp, "cell_gene_ids")?.u32();
+    let vals = get(inp, "cell_model_vals")?.f32();
+    let q = get(inp, "query_ids")?.u32();
+    let qn = get(inp, "query_ids")?.v.len() / b.max(1);
     let cells: Vec<(&[u32], &[f32])> = (0..b)
         .map(|c| {
             (
@@ -498,23 +508,23 @@ fn parity(
         let s = t.elapsed().as_secs_f64();
         ck.check(
             &format!("{pre}enc_latent"),
-            rel(&enc, &out[&format!("{pre}enc_latent")].v),
+            rel(&enc, &get(&out, &format!("{pre}enc_latent"))?.v),
             1e-5,
         );
         ck.check(
             &format!("{pre}embedding"),
-            rel(&o.embedding, &out[&format!("{pre}embedding")].v),
+            rel(&o.embedding, &get(&out, &format!("{pre}embedding"))?.v),
             1e-5,
         );
         ck.check(
             &format!("{pre}pred"),
-            rel(&o.pred.concat(), &out[&format!("{pre}pred")].v),
+            rel(&o.pred.concat(), &get(&out, &format!("{pre}pred"))?.v),
             5e-5,
         );
         if let Some(l) = &o.class_logits {
             ck.check(
                 &format!("{pre}class_logits"),
-                rel(l, &out[&format!("{pre}class_logits")].v),
+                rel(l, &get(&out, &format!("{pre}class_logits"))?.v),
                 5e-5,
             );
         }
@@ -532,9 +542,9 @@ fn parity(
         println!("  ({mode:?}: model set-up and 16 cells in {s:.2} s)");
     }
     // training batch: 100 masked genes per cell, the reference's draws
-    let ids = inp["train_mask_ids"].u32();
-    let nm = inp["train_mask_ids"].shape[1];
-    let labels = &inp["class_labels"].v;
+    let ids = get(inp, "train_mask_ids")?.u32();
+    let nm = get(inp, "train_mask_ids")?.v.len() / b.max(1);
+    let labels = &get(inp, "class_labels")?.v;
     let batch: Vec<TrainCell> = (0..b)
         .map(|c| {
             let (g, v) = cells[c];
@@ -557,7 +567,11 @@ fn parity(
     let t = Instant::now();
     let (stats, g) = accel::loss_and_grads(cfg, params, zero_fill, &batch, dev)?;
     let s = t.elapsed().as_secs_f64();
-    let loss_ref = out["train_loss"].v[0];
+    let loss_ref = get(&out, "train_loss")?
+        .v
+        .first()
+        .copied()
+        .ok_or("train_loss is empty")?;
     ck.check(
         "train_loss (relative)",
         (stats.loss - loss_ref).abs() / loss_ref.abs(),
