@@ -8,6 +8,8 @@
 #   make demo      the end-to-end demo on the real data in data/
 #   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
 #   make bench     the embedding benchmark (see README)
+#   make cuda      the cuda variant (GPU benchmark and extension library) into target/cuda,
+#                  built without a GPU from PyPI's CUDA 13 wheels (docs/gpu.md); not part of test
 
 PG_CONFIG ?= /usr/bin/pg_config
 PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)
@@ -23,7 +25,7 @@ RUNAS     := sudo -u $(PGUSER)
 PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo test test-core test-pg test-regress bench fmt check-access
+.PHONY: setup install db db-reset db-stop psql demo test test-core test-pg test-regress bench cuda fmt check-access
 
 setup:
 	bash scripts/setup.sh
@@ -94,6 +96,9 @@ test: setup
 
 bench: db check-access
 	EXCEIVER_ROOT=$(CURDIR) $(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -f scripts/bench_embed.sql
+
+cuda:
+	bash scripts/build_cuda.sh
 
 fmt:
 	cargo fmt --all

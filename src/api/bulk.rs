@@ -9,6 +9,8 @@ use crate::api::load::quote_ident;
 use crate::api::model::{cell_input_iter, get_model, CellInput};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
+use exceiver_core::accel::DeviceModel;
+use exceiver_core::device::Device;
 use exceiver_core::{Error, Kind};
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
@@ -109,9 +111,16 @@ fn embed_table(
             "batch_size must be between 1 and 100000, not {batch_size}"
         )));
     }
-    gucs::device().check_supported().or_raise();
+    let device = gucs::device();
+    device.check_supported().or_raise();
     let m = get_model(model);
     let dim = m.model.embedding_len();
+    // exceiver.device: a GPU (cuda builds) gets the batched candle model; the CPU keeps
+    // the hand-written one on worker threads
+    let on_device = match device {
+        Device::Cpu => None,
+        d => Some(DeviceModel::from_exceiver(&m.model, &d.open().or_raise()).or_raise()),
+    };
     let rel = relation_name(source);
     check_cell_table(&rel);
     let col = quote_ident(target_column);
@@ -184,7 +193,11 @@ fn embed_table(
             let cells: Vec<(&[u32], &[f32])> =
                 inputs.iter().map(|(_, c)| (c.genes.as_slice(), c.values.as_slice())).collect();
             // Worker threads: pure Rust, no PostgreSQL calls.
-            let embs = m.model.embed_batch(&cells, threads).or_raise();
+            let embs = match &on_device {
+                Some(dm) => dm.embed_batch(&cells),
+                None => m.model.embed_batch(&cells, threads),
+            }
+            .or_raise();
             unsafe {
                 batch_mem.switch_to(|_| {
                     for (j, (k, _)) in inputs.iter().enumerate() {

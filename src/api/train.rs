@@ -12,12 +12,13 @@ use crate::api::bulk::{check_cell_table, column_type, relation_name};
 use crate::api::model::{check_new_model_name, get_model};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
+use exceiver_core::accel::AnyTrainer;
 use exceiver_core::model::rng::Rng;
 use exceiver_core::model::weights::{self, Params};
 use exceiver_core::model::{AttentionMode, Config};
 use exceiver_core::preprocess::{log1p32, normalize_count, Scaler, ScalerFit};
 use exceiver_core::train::{
-    init_for_scratch_training, mask_positions, n_mask_for, StepStats, TrainCell, TrainOpts, Trainer,
+    init_for_scratch_training, mask_positions, n_mask_for, StepStats, TrainCell, TrainOpts,
 };
 use exceiver_core::{Error, Kind};
 use pgrx::prelude::*;
@@ -579,7 +580,16 @@ pub(crate) fn run_training(
         threads,
         ..TrainOpts::default()
     };
-    let mut trainer = Trainer::new(cfg.clone(), params, scaler.zero_fill(), topts).or_raise();
+    let n_params = params.num_parameters(&cfg);
+    // exceiver.device: the hand-written CPU trainer, or candle on a GPU (cuda builds)
+    let mut trainer = AnyTrainer::new(
+        cfg.clone(),
+        params,
+        scaler.zero_fill(),
+        topts,
+        gucs::device(),
+    )
+    .or_raise();
     let label_index: HashMap<&str, usize> = run
         .labels
         .iter()
@@ -606,7 +616,7 @@ pub(crate) fn run_training(
 
     // 3. Validation: fixed masks (same seed every pass), also the baseline's MSE.
     let val_scan = format!("SELECT cell_id::text, genes, counts::real[]{label_sql} FROM {rel} WHERE {val_where} ORDER BY cell_id");
-    let validate = |trainer: &mut Trainer| -> (f64, f64, f64, usize) {
+    let validate = |trainer: &mut AnyTrainer| -> (f64, f64, f64, usize) {
         let mut rng = Rng::new(o.seed ^ 0x5eed_5eed);
         let (mut se, mut base_se, mut ce, mut masked, mut cells) =
             (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
@@ -661,7 +671,7 @@ pub(crate) fn run_training(
     let total_steps = steps_per_epoch * o.epochs as u64;
     notice!(
         "training \"{}\" on {rel}: {train_cells} training cells, {} genes, {} masked per cell, {} epochs of {steps_per_epoch} steps (batch {}), {} parameters, {threads} threads",
-        run.model, n_genes, n_mask, o.epochs, o.batch_size, trainer.params().num_parameters(&cfg)
+        run.model, n_genes, n_mask, o.epochs, o.batch_size, n_params
     );
     let mut history: Vec<Value> = Vec::new();
     let mut best: Option<(f64, Params)> = None;
@@ -745,11 +755,11 @@ pub(crate) fn run_training(
         );
         if val_cells == 0 {
             // no validation cells: keep the latest weights
-            best = Some((train_loss, trainer.params().clone()));
+            best = Some((train_loss, trainer.params().or_raise().into_owned()));
             continue;
         }
         if best.as_ref().is_none_or(|(b, _)| score < *b) {
-            best = Some((score, trainer.params().clone()));
+            best = Some((score, trainer.params().or_raise().into_owned()));
             bad_epochs = 0;
         } else {
             bad_epochs += 1;
@@ -762,7 +772,8 @@ pub(crate) fn run_training(
             }
         }
     }
-    let (best_score, best_params) = best.unwrap_or_else(|| (f64::NAN, trainer.params().clone()));
+    let (best_score, best_params) =
+        best.unwrap_or_else(|| (f64::NAN, trainer.params().or_raise().into_owned()));
     let best_val = history
         .iter()
         .filter_map(|h| h.get("val_mse").and_then(Value::as_f64))

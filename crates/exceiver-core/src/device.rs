@@ -1,8 +1,10 @@
 //! Where the heavy maths runs: the `exceiver.device` setting's values.
 //!
-//! `cpu` (the default) or `cuda` / `cuda:N`. This build runs on the CPU only: asking for
-//! a GPU is a clear error naming the setting, never a crash, and a CPU-only server never
-//! loads a library that links the CUDA driver.
+//! `cpu` (the default) or `cuda` / `cuda:N`. The default build runs on the CPU only:
+//! asking for a GPU is a clear error naming the setting, never a crash, and a CPU-only
+//! server never loads a library that links the CUDA driver. A build with the `cuda`
+//! feature opens CUDA devices through candle ([`Device::open`]); the batched model and
+//! trainer that run there live in [`crate::accel`].
 
 use crate::error::{Error, Result};
 use std::fmt;
@@ -51,16 +53,87 @@ impl Device {
         }
     }
 
-    /// Check that this build can run on the device.
+    /// Check that this build can run on the device: always for the CPU; for a GPU, in
+    /// a `cuda` build, the device is opened (see [`Device::open`]).
     pub fn check_supported(self) -> Result<()> {
+        self.open().map(|_| ())
+    }
+
+    /// The candle device to compute on. `cpu` always works. `cuda:N` needs a build
+    /// with the `cuda` feature, a CUDA driver and a device N; each failure is a clear
+    /// error with the numbers in it. Devices are opened once per process and shared
+    /// (the CUDA context, cuBLAS handle and kernels are reused). f32 matrix products
+    /// on the GPU use full f32 precision (no TF32).
+    pub fn open(self) -> Result<candle_core::Device> {
         match self {
-            Device::Cpu => Ok(()),
-            Device::Cuda(_) => Err(Error::invalid(format!(
-                "exceiver.device is \"{self}\" but this build of exceiver runs on the CPU only"
-            ))
-            .with_hint("SET exceiver.device = 'cpu'; GPU support (the cuda build) is not available in this build.")),
+            Device::Cpu => Ok(candle_core::Device::Cpu),
+            Device::Cuda(n) => open_cuda(n),
         }
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> Result<candle_core::Device> {
+    Err(Error::invalid(format!(
+        "exceiver.device is \"cuda:{n}\" but this build of exceiver runs on the CPU only"
+    ))
+    .with_hint(
+        "SET exceiver.device = 'cpu'; GPU support (the cuda build) is not available in this build.",
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<candle_core::Device> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPEN: OnceLock<Mutex<HashMap<usize, candle_core::Device>>> = OnceLock::new();
+    let cache = OPEN.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache
+        .lock()
+        .map_err(|_| Error::internal("the CUDA device cache is poisoned"))?;
+    if let Some(d) = cache.get(&n) {
+        return Ok(d.clone());
+    }
+    let hint = "SET exceiver.device = 'cpu' to compute on the CPU.";
+    let code = |e: cudarc::driver::DriverError| format!("{:?}, code {}", e.0, e.0 as u32);
+    cudarc::driver::result::init().map_err(|e| {
+        Error::invalid(format!(
+            "exceiver.device is \"cuda:{n}\" but no usable CUDA driver was found (cuInit failed: {})",
+            code(e)
+        ))
+        .with_hint(hint)
+    })?;
+    let count = cudarc::driver::result::device::get_count().map_err(|e| {
+        Error::invalid(format!(
+            "exceiver.device is \"cuda:{n}\" but the CUDA devices could not be counted ({})",
+            code(e)
+        ))
+        .with_hint(hint)
+    })?;
+    let count = usize::try_from(count).unwrap_or(0);
+    if count == 0 {
+        return Err(Error::invalid(format!(
+            "exceiver.device is \"cuda:{n}\" but this machine has no CUDA device"
+        ))
+        .with_hint(hint));
+    }
+    if n >= count {
+        return Err(Error::invalid(format!(
+            "exceiver.device is \"cuda:{n}\" but this machine has {count} CUDA device(s): cuda:0 to cuda:{}",
+            count - 1
+        ))
+        .with_hint(hint));
+    }
+    // catch_unwind: a failure deep in the backend must be an error, not a crash.
+    let dev = std::panic::catch_unwind(|| candle_core::Device::new_cuda(n))
+        .map_err(|_| Error::internal(format!("opening CUDA device {n} panicked")))?
+        .map_err(|e| {
+            Error::invalid(format!("could not open CUDA device {n} of {count}: {e}"))
+                .with_hint(hint)
+        })?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    cache.insert(n, dev.clone());
+    Ok(dev)
 }
 
 #[cfg(test)]
@@ -84,10 +157,21 @@ mod tests {
             assert!(Device::parse(bad).is_err(), "{bad}");
         }
         assert!(Device::Cpu.check_supported().is_ok());
-        let e = Device::Cuda(1).check_supported().unwrap_err();
-        assert!(
-            e.message.contains("\"cuda:1\"") && e.message.contains("CPU only"),
-            "{e}"
-        );
+        assert!(Device::Cpu.open().unwrap().is_cpu());
+    }
+
+    /// The default build refuses a GPU with a clear error naming the device.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cpu_only_build_refuses_gpus() {
+        for d in [Device::Cuda(1), Device::Cuda(0)] {
+            let e = d.check_supported().unwrap_err();
+            assert!(
+                e.message.contains(&format!("\"{d}\"")) && e.message.contains("CPU only"),
+                "{e}"
+            );
+            assert_eq!(e.kind, crate::Kind::InvalidParameter);
+            assert!(d.open().is_err());
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! as PNG scatter plots ([`plot`]). No PostgreSQL dependency: everything here is
 //! tested with plain `cargo test`, and the pgrx crate maps SQL onto it.
 
+pub mod accel;
 pub mod data;
 pub mod device;
 pub mod error;
