@@ -9,7 +9,7 @@
 #   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
 #   make bench     the embedding benchmark (see README)
 #   make cuda      the cuda variant (GPU benchmark and extension library) into target/cuda,
-#                  built without a GPU from PyPI's CUDA 13 wheels (docs/gpu.md); not part of test
+#                  built without a GPU from PyPI's CUDA 13 wheels (README, section GPU); not part of test
 
 PG_CONFIG ?= /usr/bin/pg_config
 PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)

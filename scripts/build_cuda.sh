@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the `cuda` variant of exceiver on a machine without a GPU, from package
-# registries only (docs/gpu.md; facts in the project's TOOLCHAIN notes):
+# registries only (README, section GPU; facts in the project's TOOLCHAIN notes):
 #
 #   1. the CUDA 13.0 toolkit from PyPI wheels (nvcc, headers, cudart, cuBLAS, cuRAND,
 #      NVRTC; about 650 MB) into .cuda/ (ignored by git), unpacked into one tree;
@@ -110,6 +110,6 @@ build_cuda: the benchmark: $BIN
   On a GPU machine (driver and CUDA 13 libraries, e.g. PyTorch's cu13 wheels):
     LD_LIBRARY_PATH=<dir with libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10> \\
       $BIN fixtures/pretrained_TS_exceiver.safetensors --device cuda:0
-  or scripts/gpu_run.sh (docs/gpu.md). Here, without a GPU, it runs against the stub:
+  or scripts/gpu_run.sh (README, section GPU). Here, without a GPU, it runs against the stub:
     LD_LIBRARY_PATH=$TREE/lib:$STUB_DIR $BIN fixtures/pretrained_TS_exceiver.safetensors --device cpu
 EOF

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Throughput of the PyTorch reference Exceiver on a GPU (or the CPU), to compare with
-examples/gpu_bench.rs on the same machine (docs/gpu.md).
+examples/gpu_bench.rs on the same machine (README, section GPU).
 
 The model is the reference's module structure (keiserlab/exceiver `models.py`, as
 fixtures/README.md describes it): nn.Embedding, CrossAttn (LayerNorms, packed

@@ -25,7 +25,7 @@
 //!
 //! `--native` also times the hand-written CPU model (`Exceiver::embed_batch` on all
 //! cores, `train::Trainer`) on the same cells. Build the CUDA variant with `make cuda`
-//! (see `docs/gpu.md`).
+//! (see the README, section GPU).
 
 use candle_core::Device as CDevice;
 use exceiver_core::accel::{self, DeviceModel, DeviceTrainer};
