@@ -524,7 +524,7 @@ pub fn loss_and_grads(
 /// GPU. The same methods as both; weights come back as a copy from a GPU.
 #[derive(Debug)]
 pub enum AnyTrainer {
-    Cpu(crate::train::Trainer),
+    Cpu(Box<crate::train::Trainer>),
     Device(DeviceTrainer),
 }
 
@@ -540,9 +540,9 @@ impl AnyTrainer {
         device: crate::device::Device,
     ) -> Result<AnyTrainer> {
         match device {
-            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(crate::train::Trainer::new(
-                cfg, params, zero_fill, opts,
-            )?)),
+            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(Box::new(
+                crate::train::Trainer::new(cfg, params, zero_fill, opts)?,
+            ))),
             d => Ok(AnyTrainer::Device(DeviceTrainer::new(
                 cfg,
                 params,
@@ -583,7 +583,7 @@ impl AnyTrainer {
 
     pub fn into_params(self) -> Result<Params> {
         match self {
-            AnyTrainer::Cpu(t) => Ok(t.into_params()),
+            AnyTrainer::Cpu(t) => Ok((*t).into_params()),
             AnyTrainer::Device(t) => t.into_params(),
         }
     }
