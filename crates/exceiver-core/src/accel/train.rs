@@ -525,7 +525,7 @@ pub fn loss_and_grads(
 #[derive(Debug)]
 pub enum AnyTrainer {
     Cpu(Box<crate::train::Trainer>),
-    Device(DeviceTrainer),
+    Device(Box<DeviceTrainer>),
 }
 
 impl AnyTrainer {
@@ -543,13 +543,13 @@ impl AnyTrainer {
             crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(Box::new(
                 crate::train::Trainer::new(cfg, params, zero_fill, opts)?,
             ))),
-            d => Ok(AnyTrainer::Device(DeviceTrainer::new(
+            d => Ok(AnyTrainer::Device(Box::new(DeviceTrainer::new(
                 cfg,
                 params,
                 zero_fill,
                 opts,
                 &d.open()?,
-            )?)),
+            )?))),
         }
     }
 
@@ -584,7 +584,7 @@ impl AnyTrainer {
     pub fn into_params(self) -> Result<Params> {
         match self {
             AnyTrainer::Cpu(t) => Ok((*t).into_params()),
-            AnyTrainer::Device(t) => t.into_params(),
+            AnyTrainer::Device(t) => (*t).into_params(),
         }
     }
 
