@@ -99,17 +99,30 @@ if [ "$MODE" != "--bench" ]; then
   say "building the extension library (release, --features cuda) into $TARGET"
   CARGO_TARGET_DIR=$TARGET cargo build --release --lib --features cuda
 fi
+# What a GPU machine without Rust needs (64 MiB at most, as the device tool carries):
+# the benchmark, and cuRAND compressed (candle creates a cuRAND generator per device,
+# and recent PyTorch CUDA 13 wheels no longer ship libcurand.so.10).
+CARRY=$TARGET/carry
+mkdir -p "$CARRY"
+cp "$BIN" "$CARRY/gpu_bench"
+if [ ! -f "$CARRY/libcurand.so.10.xz" ] || [ "$TREE/lib/libcurand.so.10" -nt "$CARRY/libcurand.so.10.xz" ]; then
+  say "compressing libcurand.so.10 into $CARRY"
+  xz -T2 -9 -c "$TREE/lib/libcurand.so.10" > "$CARRY/libcurand.so.10.xz.tmp"
+  mv "$CARRY/libcurand.so.10.xz.tmp" "$CARRY/libcurand.so.10.xz"
+fi
 say "done in $(( $(date +%s) - start )) s"
+say "to carry to a GPU machine: $CARRY ($(du -sh "$CARRY" | cut -f1))"
 for f in "$BIN" "$TARGET/release/libexceiver.so"; do
   [ -f "$f" ] || continue
   echo "== $f ($(du -h "$f" | cut -f1))"
   ldd "$f" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
 done
 cat <<EOF
-build_cuda: the benchmark: $BIN
-  On a GPU machine (driver and CUDA 13 libraries, e.g. PyTorch's cu13 wheels):
-    LD_LIBRARY_PATH=<dir with libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10> \\
+build_cuda: the benchmark: $BIN (a copy in $CARRY)
+  On a GPU machine (driver, and CUDA 13 libraries such as PyTorch's cu13 wheels), from the
+  repository root with $CARRY copied along: scripts/gpu_run.sh (README, section GPU). By hand:
+    LD_LIBRARY_PATH=<dir with libcublas.so.13, libcublasLt.so.13, libcurand.so.10> \\
       $BIN fixtures/pretrained_TS_exceiver.safetensors --device cuda:0
-  or scripts/gpu_run.sh (README, section GPU). Here, without a GPU, it runs against the stub:
+  Here, without a GPU, it runs against the stub:
     LD_LIBRARY_PATH=$TREE/lib:$STUB_DIR $BIN fixtures/pretrained_TS_exceiver.safetensors --device cpu
 EOF

@@ -524,8 +524,8 @@ pub fn loss_and_grads(
 /// GPU. The same methods as both; weights come back as a copy from a GPU.
 #[derive(Debug)]
 pub enum AnyTrainer {
-    Cpu(crate::train::Trainer),
-    Device(DeviceTrainer),
+    Cpu(Box<crate::train::Trainer>),
+    Device(Box<DeviceTrainer>),
 }
 
 impl AnyTrainer {
@@ -540,16 +540,16 @@ impl AnyTrainer {
         device: crate::device::Device,
     ) -> Result<AnyTrainer> {
         match device {
-            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(crate::train::Trainer::new(
-                cfg, params, zero_fill, opts,
-            )?)),
-            d => Ok(AnyTrainer::Device(DeviceTrainer::new(
+            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(Box::new(
+                crate::train::Trainer::new(cfg, params, zero_fill, opts)?,
+            ))),
+            d => Ok(AnyTrainer::Device(Box::new(DeviceTrainer::new(
                 cfg,
                 params,
                 zero_fill,
                 opts,
                 &d.open()?,
-            )?)),
+            )?))),
         }
     }
 
@@ -583,8 +583,8 @@ impl AnyTrainer {
 
     pub fn into_params(self) -> Result<Params> {
         match self {
-            AnyTrainer::Cpu(t) => Ok(t.into_params()),
-            AnyTrainer::Device(t) => t.into_params(),
+            AnyTrainer::Cpu(t) => Ok((*t).into_params()),
+            AnyTrainer::Device(t) => (*t).into_params(),
         }
     }
 
