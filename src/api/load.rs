@@ -21,19 +21,27 @@ const RESERVED: [&str; 3] = ["cell_id", "genes", "counts"];
 
 /// Reading server files is a privileged act, as for `COPY FROM` a file.
 pub(crate) fn check_file_access() {
-    let ok = Spi::get_one::<bool>(
+    check_server_files("read", "");
+}
+
+/// Superusers and members of `pg_read_server_files` / `pg_write_server_files` only
+/// (`what`: "read" or "write"; `more`: appended to the hint).
+pub(crate) fn check_server_files(what: &str, more: &str) {
+    let ok = Spi::get_one_with_args::<bool>(
         "SELECT (SELECT rolsuper FROM pg_roles WHERE oid = current_user::regrole) \
-         OR pg_has_role(current_user, 'pg_read_server_files', 'MEMBER')",
+         OR pg_has_role(current_user, 'pg_' || $1 || '_server_files', 'MEMBER')",
+        &[what.into()],
     )
     .or_raise()
     .unwrap_or(false);
     if !ok {
+        let verb = if what == "read" { "load" } else { "write" };
         raise_code(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to read server files",
-            Some(
-                "Only superusers and members of pg_read_server_files may load files on the server.",
-            ),
+            format!("permission denied to {what} server files"),
+            Some(&format!(
+                "Only superusers and members of pg_{what}_server_files may {verb} files on the server{more}."
+            )),
         );
     }
 }

@@ -4,7 +4,7 @@
 //! on the server.
 
 use crate::api::bulk::{column_type, relation_name};
-use crate::api::load::quote_ident;
+use crate::api::load::{check_server_files, quote_ident};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
 use exceiver_core::layout::{umap_2d_with_progress, MapOptions, Metric, Progress, Stage};
@@ -198,7 +198,7 @@ fn embedding_map(
 
 /// A PNG scatter plot of the 2-D map in `source` (columns `x_column`, `y_column`),
 /// coloured by `label_column` (NULL: one colour), with a legend and a title.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, parallel_restricted)]
 fn map_png(
     source: &str,
     label_column: default!(Option<&str>, "NULL"),
@@ -262,19 +262,10 @@ fn map_png(
 /// returns the bytes written. Superusers and members of `pg_write_server_files` only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn save_png(data: &[u8], path: &str) -> i64 {
-    let ok = Spi::get_one::<bool>(
-        "SELECT (SELECT rolsuper FROM pg_roles WHERE oid = current_user::regrole) \
-         OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')",
-    )
-    .or_raise()
-    .unwrap_or(false);
-    if !ok {
-        raise_code(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            "permission denied to write server files",
-            Some("Only superusers and members of pg_write_server_files may write files on the server; or fetch the bytes of exceiver.map_png() with a client."),
-        );
-    }
+    check_server_files(
+        "write",
+        "; or fetch the bytes of exceiver.map_png() with a client",
+    );
     if !std::path::Path::new(path).is_absolute() {
         raise(Error::invalid(format!("path \"{path}\" is not absolute")));
     }
