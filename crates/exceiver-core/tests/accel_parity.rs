@@ -6,7 +6,7 @@
 use exceiver_core::accel::DeviceModel;
 use exceiver_core::data::tenx;
 use exceiver_core::model::rng::Rng;
-use exceiver_core::model::{load_safetensors, AttentionMode, Config, Exceiver, Params};
+use exceiver_core::model::{AttentionMode, Config, Exceiver, Params};
 use exceiver_core::preprocess::{self, Scaler};
 
 use candle_core::Device;
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 mod common;
-use common::{read_fixture, FIX, T};
+use common::{check, read_fixture, rel32, weights, T};
 
 const B: usize = 16;
 
@@ -60,32 +60,6 @@ fn inputs() -> &'static Inputs {
             query_ids,
         }
     })
-}
-
-/// ||a − b|| / ||b||
-fn rel(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
-}
-
-fn rel32(a: &[f32], b: &[f32]) -> f64 {
-    let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
-    rel(a, &b64)
-}
-
-fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    let r = rel(got, want);
-    eprintln!("{what}: normwise relative error {r:.3e}");
-    assert!(
-        r <= tol,
-        "{what}: normwise relative error {r:.3e} exceeds {tol:.0e}"
-    );
-}
-
-fn weights(name: &str) -> (Config, Params) {
-    load_safetensors(&std::fs::read(format!("{FIX}/{name}")).unwrap()).unwrap()
 }
 
 fn fixture_parity(wname: &str, oname: &str) {

@@ -5,14 +5,14 @@
 
 use exceiver_core::accel::{self, DeviceTrainer};
 use exceiver_core::model::rng::Rng;
-use exceiver_core::model::{load_safetensors, AttentionMode, Config, Params};
+use exceiver_core::model::{AttentionMode, Config, Params};
 use exceiver_core::train::{self, mask_positions, TrainCell, TrainOpts, Trainer};
 
 use candle_core::Device;
 use std::collections::HashMap;
 
 mod common;
-use common::{read_fixture, FIX, T};
+use common::{read_fixture, rel, rel32, weights, T};
 
 /// The reference training batch: 16 cells, 100 masked genes each (draw order).
 fn fixture_batch(classifier: bool) -> (Vec<TrainCell>, Vec<f32>) {
@@ -39,21 +39,6 @@ fn fixture_batch(classifier: bool) -> (Vec<TrainCell>, Vec<f32>) {
         })
         .collect();
     (cells, zf)
-}
-
-fn weights(name: &str) -> (Config, Params) {
-    load_safetensors(&std::fs::read(format!("{FIX}/{name}")).unwrap()).unwrap()
-}
-
-fn rel(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den.max(1e-300)).sqrt()
-}
-
-fn rel32(a: &[f32], b: &[f32]) -> f64 {
-    rel(a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>())
 }
 
 fn flat(cfg: &Config, p: &Params) -> Vec<f32> {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 mod common;
-use common::{read_fixture, FIX, T};
+use common::{check, read_fixture, FIX, T};
 
 struct Inputs {
     t: HashMap<String, T>,
@@ -51,23 +51,6 @@ fn inputs() -> &'static Inputs {
             query_ids,
         }
     })
-}
-
-/// ||a − b|| / ||b||
-fn rel(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
-}
-
-fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    let r = rel(got, want);
-    eprintln!("{what}: normwise relative error {r:.3e}");
-    assert!(
-        r <= tol,
-        "{what}: normwise relative error {r:.3e} exceeds {tol:.0e}"
-    );
 }
 
 const B: usize = 16;

@@ -9,7 +9,7 @@ use exceiver_core::train::{loss_and_grads, mask_positions, TrainCell, TrainOpts,
 use std::collections::HashMap;
 
 mod common;
-use common::{read_fixture, FIX, T};
+use common::{read_fixture, rel, FIX, T};
 
 /// The reference training batch: 16 cells, 100 masked genes each (draw order).
 fn fixture_batch(classifier: bool) -> (Vec<TrainCell>, Vec<f32>, HashMap<String, T>) {
@@ -43,13 +43,6 @@ fn fixture_batch(classifier: bool) -> (Vec<TrainCell>, Vec<f32>, HashMap<String,
         })
         .collect();
     (cells, zf, t)
-}
-
-fn rel(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 fn grad_parity(weights: &str, grads_file: &str, outputs_file: &str, classifier: bool) {

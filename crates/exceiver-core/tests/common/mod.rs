@@ -56,3 +56,32 @@ pub fn read_fixture(name: &str) -> HashMap<String, T> {
         })
         .collect()
 }
+
+/// Normwise relative error ||a − b|| / ||b||.
+pub fn rel(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// [`rel`] against an f32 reference.
+pub fn rel32(a: &[f32], b: &[f32]) -> f64 {
+    rel(a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>())
+}
+
+/// Assert a normwise relative error within `tol`, printing it.
+pub fn check(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    let r = rel(got, want);
+    eprintln!("{what}: normwise relative error {r:.3e}");
+    assert!(
+        r <= tol,
+        "{what}: normwise relative error {r:.3e} exceeds {tol:.0e}"
+    );
+}
+
+/// A fixtures safetensors model (config and weights).
+pub fn weights(name: &str) -> (exceiver_core::model::Config, exceiver_core::model::Params) {
+    exceiver_core::model::load_safetensors(&std::fs::read(format!("{FIX}/{name}")).unwrap())
+        .unwrap()
+}
