@@ -12,6 +12,8 @@
 //!   --bias-init                       (value head output bias := mean target)
 //!   --value-emb                       (Config::value_embedding: the encoder sees values)
 //!   --frac 0.15 --min-cells 3 --k 15
+//!   --hvg N                           (vocabulary: N highly variable genes)
+//!   --key-scale S --head-bias B       (extra init: encoder keys x S, class head bias B)
 //!   --overfit N                       (train on N cells, report their train MSE)
 //!   --stim-epochs E                   (finetune a stim classifier afterwards)
 //! ```
@@ -310,13 +312,29 @@ fn main() {
         .map(|g| kang.genes[g].clone())
         .collect();
     names.sort();
-    let vocab: HashMap<String, u32> = names
+    let mut vocab: HashMap<String, u32> = names
         .iter()
         .enumerate()
         .map(|(i, g)| (g.clone(), i as u32))
         .collect();
+    let mut kraw = raw_cells(&kang, &vocab);
+    let hvg: usize = a.get("--hvg", 0);
+    if hvg > 0 {
+        let mut hf = exceiver_core::preprocess::HvgFit::new(names.len());
+        for &c in &train_idx {
+            hf.add_cell(&kraw[c].genes, &log_norm(&kraw[c]));
+        }
+        let top = hf.select(hvg);
+        names = top.iter().map(|&g| names[g].clone()).collect();
+        vocab = names
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.clone(), i as u32))
+            .collect();
+        kraw = raw_cells(&kang, &vocab);
+        eprintln!("vocabulary: {} highly variable genes", names.len());
+    }
     let ng = names.len();
-    let kraw = raw_cells(&kang, &vocab);
 
     // scaler, baseline, n_mask
     let mut fit = ScalerFit::new(ng);
@@ -365,7 +383,12 @@ fn main() {
     }
     let tmean = tsum / tn as f64;
     if a.has("--bias-init") {
-        exceiver_core::train::init_value_bias(&mut params, tmean).unwrap();
+        exceiver_core::train::init_for_scratch_training(&cfg, &mut params, tmean).unwrap();
+        let ks: f32 = a.get("--key-scale", 1.0);
+        let d = cfg.seq_dim;
+        params.encoder.attn.in_proj_weight[d * d..2 * d * d]
+            .iter_mut()
+            .for_each(|w| *w *= ks);
     }
     eprintln!(
         "{} train / {} val cells, {ng} genes, n_mask {n_mask}, median nnz {}, mean target {tmean:.3}; config d={} N={} L={} ff={} {:?}; {} params",
@@ -403,12 +426,16 @@ fn main() {
         for dim in [16usize, 64, 1024] {
             let mut rng = Rng::new(7);
             let proj: Vec<f32> = (0..ng * dim).map(|_| rng.normal() as f32).collect();
-            for kind in ["binary", "log1p"] {
+            for kind in ["binary", "log1p", "scaled"] {
                 let mut emb = vec![0.0f32; keep.len() * dim];
                 for (r, &c) in keep.iter().enumerate() {
                     let ys = log_norm(&praw[c]);
                     for (&g, &y) in praw[c].genes.iter().zip(&ys) {
-                        let w = if kind == "binary" { 1.0 } else { y };
+                        let w = match kind {
+                            "binary" => 1.0,
+                            "log1p" => y,
+                            _ => y / scaler.scale[g as usize],
+                        };
                         for j in 0..dim {
                             emb[r * dim + j] += w * proj[g as usize * dim + j];
                         }
@@ -449,6 +476,7 @@ fn main() {
             label: None,
         })
     };
+
     // fixed validation batches
     let mut vrng = Rng::new(seed ^ 0x5eed_5eed);
     let val_batches: Vec<Vec<TrainCell>> = val_idx
@@ -735,6 +763,13 @@ fn stim(
     params.layers = base.layers.clone();
     params.decoder = base.decoder.clone();
     params.value_head = base.value_head.clone();
+    params.value_emb = base.value_emb.clone();
+    let hb: f32 = a.get("--head-bias", 0.0);
+    if hb != 0.0 {
+        if let Some(h) = params.class_head.as_mut() {
+            h.linear1.bias.iter_mut().for_each(|b| *b = hb);
+        }
+    }
     let lr: f64 = a.get("--stim-lr", a.get("--lr", 1e-3));
     let opts = TrainOpts {
         lr,
@@ -789,6 +824,11 @@ fn stim(
                 .0;
             ok += (p == y) as usize;
             n += 1;
+        }
+        for &c in val_idx.iter().take(6) {
+            let l = model.classify_logits(&kraw[c].genes, &values[c]).unwrap();
+            let o = model.forward(&kraw[c].genes, &values[c], &[]).unwrap();
+            println!("  cell {c} label {:?} logits {:?} emb[0..4] {:?}", label_of(c), l, &o.embedding[..4]);
         }
         println!(
             "stim epoch {}: train CE {:.4}, held-out acc {:.4} ({n} cells), {:.0}s",

@@ -348,4 +348,183 @@ mod tests {
         assert_eq!(s.mean, vec![2.0, 1.0, 0.0]);
         assert_eq!(s.scale, vec![1.0, 1.0, 1.0]);
     }
+
+    /// Highly variable genes: an over-dispersed gene beats genes of similar mean with
+    /// binomial-like noise; constant genes are never chosen; the normalised dispersion
+    /// follows scanpy's "seurat" formula (checked against a direct computation).
+    #[test]
+    fn hvg_picks_the_overdispersed_gene() {
+        let n_cells = 400usize;
+        let mut rng = crate::model::rng::Rng::new(3);
+        // genes 0..30: each expressed (count 1 of 1000) in a random 20-40 % of cells;
+        // gene 30: constant; gene 31: a marker of about the same mean expression,
+        // 8 counts in every 27th cell only
+        let mut fit = HvgFit::new(32);
+        let mut dense = vec![vec![0.0f64; 32]; n_cells];
+        for (c, row) in dense.iter_mut().enumerate() {
+            let (mut genes, mut ys) = (Vec::new(), Vec::new());
+            for g in 0..30u32 {
+                if rng.uniform() < 0.2 + 0.2 * g as f64 / 29.0 {
+                    genes.push(g);
+                    ys.push(log1p32(normalize_count(1.0, 1000.0)));
+                }
+            }
+            genes.push(30);
+            ys.push(log1p32(normalize_count(2.0, 1000.0)));
+            if c % 27 == 0 {
+                genes.push(31);
+                ys.push(log1p32(normalize_count(8.0, 1000.0)));
+            }
+            for (&g, &y) in genes.iter().zip(&ys) {
+                row[g as usize] = (y as f64).exp_m1();
+            }
+            fit.add_cell(&genes, &ys);
+        }
+        assert_eq!(fit.n_cells(), n_cells);
+        let nd = fit.normalized_dispersion();
+        assert_eq!(nd[30], None, "a constant gene has no dispersion");
+        assert_eq!(fit.select(1), vec![31]);
+        assert!(!fit.select(31).contains(&30));
+        assert_eq!(fit.select(100).len(), 31);
+        // direct computation: mean/variance (ddof 1), log dispersion, 20 bins of log1p(mean)
+        let n = n_cells as f64;
+        let stats: Vec<(f64, Option<f64>)> = (0..32)
+            .map(|g| {
+                let m = dense.iter().map(|r| r[g]).sum::<f64>() / n;
+                let v = dense.iter().map(|r| (r[g] - m).powi(2)).sum::<f64>() / (n - 1.0);
+                (m.ln_1p(), (v > 1e-9).then(|| (v / m).ln()))
+            })
+            .collect();
+        let lo = stats.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
+        let hi = stats.iter().map(|s| s.0).fold(f64::NEG_INFINITY, f64::max);
+        let bin = |m: f64| (((m - lo) / ((hi - lo) / 20.0)).ceil() as usize).max(1).min(20);
+        for g in 0..32 {
+            let Some(d) = stats[g].1 else { continue };
+            let peers: Vec<f64> = (0..32)
+                .filter(|&h| bin(stats[h].0) == bin(stats[g].0))
+                .filter_map(|h| stats[h].1)
+                .collect();
+            let want = if peers.len() < 2 {
+                1.0
+            } else {
+                let k = peers.len() as f64;
+                let mu = peers.iter().sum::<f64>() / k;
+                let sd = (peers.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / (k - 1.0)).sqrt();
+                (d - mu) / sd
+            };
+            let got = nd[g].unwrap();
+            assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "gene {g}: {got} vs {want}");
+        }
+        // too few cells: nothing varies
+        assert!(HvgFit::new(3).select(3).is_empty());
+    }
+
+}
+
+/// Streaming statistics for choosing highly variable genes, as scanpy's
+/// `highly_variable_genes(flavor="seurat")` does on log-normalised data: per gene, the
+/// mean and (sample) variance of the normalised counts `expm1(y)` over all cells, zeros
+/// included. Add cells, then [`HvgFit::select`].
+#[derive(Debug, Clone)]
+pub struct HvgFit {
+    s: Vec<f64>,
+    s2: Vec<f64>,
+    n_cells: usize,
+}
+
+impl HvgFit {
+    pub fn new(n_genes: usize) -> HvgFit {
+        HvgFit {
+            s: vec![0.0; n_genes],
+            s2: vec![0.0; n_genes],
+            n_cells: 0,
+        }
+    }
+
+    /// Add one cell: vocabulary indices and log1p values of its non-zero entries
+    /// (indices must be in range; the caller checked them, e.g. via [`ScalerFit`]).
+    pub fn add_cell(&mut self, genes: &[u32], ys: &[f32]) {
+        for (&g, &y) in genes.iter().zip(ys) {
+            if let (Some(s), Some(s2)) = (self.s.get_mut(g as usize), self.s2.get_mut(g as usize)) {
+                let x = (y as f64).exp_m1();
+                *s += x;
+                *s2 += x * x;
+            }
+        }
+        self.n_cells += 1;
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.n_cells
+    }
+
+    /// Normalised dispersion of every gene: `log(var / mean)` of the normalised counts,
+    /// z-scored within 20 equal-width bins of `log1p(mean)` (a bin with one gene gives
+    /// 1.0, as scanpy does). `None` for a gene with zero variance.
+    pub fn normalized_dispersion(&self) -> Vec<Option<f64>> {
+        let ng = self.s.len();
+        let n = self.n_cells as f64;
+        if self.n_cells < 2 || ng == 0 {
+            return vec![None; ng];
+        }
+        let mut lmean = vec![0.0f64; ng];
+        let mut disp: Vec<Option<f64>> = vec![None; ng];
+        for g in 0..ng {
+            let m = self.s[g] / n;
+            let var = ((self.s2[g] - n * m * m) / (n - 1.0)).max(0.0);
+            lmean[g] = m.ln_1p();
+            let d = var / m.max(1e-12);
+            if d > 0.0 && d.is_finite() {
+                disp[g] = Some(d.ln());
+            }
+        }
+        let lo = lmean.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = lmean.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        const BINS: usize = 20;
+        let width = (hi - lo) / BINS as f64;
+        let bin = |m: f64| -> usize {
+            if width <= 0.0 {
+                0
+            } else {
+                (((m - lo) / width).ceil() as usize).saturating_sub(1).min(BINS - 1)
+            }
+        };
+        let (mut bs, mut bs2, mut bn) = ([0.0f64; BINS], [0.0f64; BINS], [0usize; BINS]);
+        for g in 0..ng {
+            if let Some(d) = disp[g] {
+                let b = bin(lmean[g]);
+                bs[b] += d;
+                bs2[b] += d * d;
+                bn[b] += 1;
+            }
+        }
+        (0..ng)
+            .map(|g| {
+                let d = disp[g]?;
+                let b = bin(lmean[g]);
+                if bn[b] < 2 {
+                    return Some(1.0);
+                }
+                let k = bn[b] as f64;
+                let mu = bs[b] / k;
+                let sd = ((bs2[b] - k * mu * mu) / (k - 1.0)).max(0.0).sqrt();
+                Some(if sd > 0.0 { (d - mu) / sd } else { 0.0 })
+            })
+            .collect()
+    }
+
+    /// Indices of the `n_top` genes with the highest normalised dispersion (ties: lower
+    /// index first), sorted ascending. Fewer when fewer genes vary.
+    pub fn select(&self, n_top: usize) -> Vec<usize> {
+        let nd = self.normalized_dispersion();
+        let mut order: Vec<(usize, f64)> = nd
+            .iter()
+            .enumerate()
+            .filter_map(|(g, d)| d.map(|d| (g, d)))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut top: Vec<usize> = order.into_iter().take(n_top).map(|(g, _)| g).collect();
+        top.sort_unstable();
+        top
+    }
 }

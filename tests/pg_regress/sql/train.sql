@@ -31,6 +31,13 @@ SELECT model FROM exceiver.train('tiny_capped', 'kang_small', '{"preset": "small
 RESET client_min_messages;
 SELECT metrics->>'train_cells' AS train_cells FROM exceiver.models WHERE name = 'tiny_capped';
 SELECT exceiver.drop_model('tiny_capped');
+-- n_top_genes keeps only the most variable genes of the training cells in the vocabulary
+SET client_min_messages = warning;
+SELECT model FROM exceiver.train('tiny_hvg', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
+                                              "dim_feedforward": 32, "epochs": 0, "n_top_genes": 500}');
+RESET client_min_messages;
+SELECT n_genes FROM exceiver.models WHERE name = 'tiny_hvg';
+SELECT exceiver.drop_model('tiny_hvg');
 -- the trained model embeds cells of another dataset
 SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny', genes, counts))) AS dims
 FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 20) p;
@@ -57,6 +64,8 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"n_top_genes": -1}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "n_top_genes": 100}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
 SELECT * FROM exceiver.train('x', 'no_such_table');
@@ -66,6 +75,7 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}');
 UPDATE kang_small SET stim = 'CTRL';
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
 SELECT count(*) AS no_model_x FROM exceiver.models WHERE name = 'x';
