@@ -403,7 +403,13 @@ fn split_sql(o: &Options) -> String {
 /// The `n` most variable of `genes` over the training cells (scanpy's "seurat"
 /// flavour: normalised dispersion of the normalised counts within bins of mean
 /// expression), in name order. One extra scan of the training cells.
-fn top_genes(run: &Run, train_where: &str, limit: &str, genes: Vec<String>, n: usize) -> Vec<String> {
+fn top_genes(
+    run: &Run,
+    train_where: &str,
+    limit: &str,
+    genes: Vec<String>,
+    n: usize,
+) -> Vec<String> {
     let rel = &run.rel;
     let vocab: HashMap<String, u32> = genes
         .iter()
@@ -412,7 +418,9 @@ fn top_genes(run: &Run, train_where: &str, limit: &str, genes: Vec<String>, n: u
         .collect();
     let mut fit = HvgFit::new(genes.len());
     let mut nulls = 0u64;
-    let scan = format!("SELECT cell_id::text, genes, counts::real[] FROM {rel} WHERE {train_where}{limit}");
+    let scan = format!(
+        "SELECT cell_id::text, genes, counts::real[] FROM {rel} WHERE {train_where}{limit}"
+    );
     Spi::connect(|c| {
         let mut cur = c.try_open_cursor(scan.as_str(), &[])?;
         loop {

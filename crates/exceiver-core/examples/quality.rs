@@ -828,7 +828,12 @@ fn stim(
         for &c in val_idx.iter().take(6) {
             let l = model.classify_logits(&kraw[c].genes, &values[c]).unwrap();
             let o = model.forward(&kraw[c].genes, &values[c], &[]).unwrap();
-            println!("  cell {c} label {:?} logits {:?} emb[0..4] {:?}", label_of(c), l, &o.embedding[..4]);
+            println!(
+                "  cell {c} label {:?} logits {:?} emb[0..4] {:?}",
+                label_of(c),
+                l,
+                &o.embedding[..4]
+            );
         }
         println!(
             "stim epoch {}: train CE {:.4}, held-out acc {:.4} ({n} cells), {:.0}s",

@@ -397,7 +397,11 @@ mod tests {
             .collect();
         let lo = stats.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
         let hi = stats.iter().map(|s| s.0).fold(f64::NEG_INFINITY, f64::max);
-        let bin = |m: f64| (((m - lo) / ((hi - lo) / 20.0)).ceil() as usize).max(1).min(20);
+        let bin = |m: f64| {
+            (((m - lo) / ((hi - lo) / 20.0)).ceil() as usize)
+                .max(1)
+                .min(20)
+        };
         for g in 0..32 {
             let Some(d) = stats[g].1 else { continue };
             let peers: Vec<f64> = (0..32)
@@ -413,12 +417,14 @@ mod tests {
                 (d - mu) / sd
             };
             let got = nd[g].unwrap();
-            assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "gene {g}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs().max(1.0),
+                "gene {g}: {got} vs {want}"
+            );
         }
         // too few cells: nothing varies
         assert!(HvgFit::new(3).select(3).is_empty());
     }
-
 }
 
 /// Streaming statistics for choosing highly variable genes, as scanpy's
@@ -486,7 +492,9 @@ impl HvgFit {
             if width <= 0.0 {
                 0
             } else {
-                (((m - lo) / width).ceil() as usize).saturating_sub(1).min(BINS - 1)
+                (((m - lo) / width).ceil() as usize)
+                    .saturating_sub(1)
+                    .min(BINS - 1)
             }
         };
         let (mut bs, mut bs2, mut bn) = ([0.0f64; BINS], [0.0f64; BINS], [0usize; BINS]);
