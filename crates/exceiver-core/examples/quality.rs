@@ -16,6 +16,9 @@
 //!   --key-scale S --head-bias B       (extra init: encoder keys x S, class head bias B)
 //!   --overfit N                       (train on N cells, report their train MSE)
 //!   --stim-epochs E                   (finetune a stim classifier afterwards)
+//!   --contrast W --tau T --keep P     (contrastive term as exceiver.train's options
+//!                                      contrastive / _temperature / _keep; then the
+//!                                      pbmc3k kNN is printed after every epoch)
 //! ```
 //!
 //! Data preparation follows `src/api/train.rs`: vocabulary = genes expressed in at
@@ -477,6 +480,31 @@ fn main() {
         })
     };
 
+    // contrastive views: each expressed gene kept with probability `keep`, then
+    // n_mask of the kept ones masked
+    let contrast: f64 = a.get("--contrast", 0.0);
+    let tau: f64 = a.get("--tau", 0.2);
+    let keep: f64 = a.get("--keep", 0.7);
+    let view = |c: usize, rng: &mut Rng| -> Option<TrainCell> {
+        let (mut g, mut v) = (Vec::new(), Vec::new());
+        for (&gi, &vi) in kraw[c].genes.iter().zip(&values[c]) {
+            if rng.uniform() < keep {
+                g.push(gi);
+                v.push(vi);
+            }
+        }
+        if g.len() <= n_mask {
+            return None;
+        }
+        let mask = mask_positions(g.len(), n_mask, rng).ok()?;
+        Some(TrainCell {
+            genes: g,
+            values: v,
+            mask,
+            label: None,
+        })
+    };
+
     // fixed validation batches
     let mut vrng = Rng::new(seed ^ 0x5eed_5eed);
     let val_batches: Vec<Vec<TrainCell>> = val_idx
@@ -511,6 +539,43 @@ fn main() {
         validate(&mut tr)
     );
 
+    // per-epoch probe: kNN on pbmc3k with the training attention mode
+    let probe = {
+        let lab = text_col(&pbmc, "seurat_annotations");
+        let praw = raw_cells(&pbmc, &vocab);
+        let keep: Vec<usize> = (0..pbmc.n_cells())
+            .filter(|&c| lab[c].is_some() && !praw[c].genes.is_empty())
+            .collect();
+        let mut classes: Vec<String> = keep.iter().map(|&c| lab[c].clone().unwrap()).collect();
+        classes.sort();
+        classes.dedup();
+        let labels: Vec<usize> = keep
+            .iter()
+            .map(|&c| classes.binary_search(lab[c].as_ref().unwrap()).unwrap())
+            .collect();
+        let cells: Vec<(Vec<u32>, Vec<f32>)> = keep
+            .iter()
+            .map(|&c| (praw[c].genes.clone(), model_values(&praw[c], &scaler)))
+            .collect();
+        let mut nz: Vec<usize> = cells.iter().map(|c| c.0.len()).collect();
+        nz.sort();
+        eprintln!(
+            "pbmc3k probe: {} cells, median {} vocabulary genes expressed",
+            nz.len(),
+            nz[nz.len() / 2]
+        );
+        (labels, classes.len(), cells)
+    };
+    let knn_now = |p: &Params| -> (f64, f64) {
+        let model = Exceiver::new(cfg.clone(), p.clone(), scaler.zero_fill()).unwrap();
+        let cells: Vec<(&[u32], &[f32])> = probe
+            .2
+            .iter()
+            .map(|(g, v)| (g.as_slice(), v.as_slice()))
+            .collect();
+        let emb = model.embed_batch(&cells, threads).unwrap();
+        knn_eval(&emb, cfg.embedding_len(), &probe.0, probe.1, k, threads)
+    };
     let tt = Instant::now();
     let mut train_secs = 0.0;
     for ep in 0..epochs {
@@ -522,7 +587,27 @@ fn main() {
         }
         let (mut ls, mut ln) = (0.0, 0usize);
         let te = Instant::now();
+        let mut cl = 0.0;
         for ch in order.chunks(batch) {
+            if contrast > 0.0 {
+                let b: Vec<TrainCell> = ch
+                    .iter()
+                    .filter_map(|&c| {
+                        let v1 = view(c, &mut rng)?;
+                        let v2 = view(c, &mut rng)?;
+                        Some([v1, v2])
+                    })
+                    .flatten()
+                    .collect();
+                if b.len() < 4 {
+                    continue;
+                }
+                let (s, c) = tr.train_step_contrastive(&b, tau, contrast).unwrap();
+                ls += s.mse * b.len() as f64;
+                cl += c * b.len() as f64;
+                ln += b.len();
+                continue;
+            }
             let b: Vec<TrainCell> = ch.iter().filter_map(|&c| to_train(c, &mut rng)).collect();
             if b.is_empty() {
                 continue;
@@ -530,6 +615,13 @@ fn main() {
             let s = tr.train_step(&b).unwrap();
             ls += s.loss * b.len() as f64;
             ln += b.len();
+        }
+        if contrast > 0.0 {
+            let (ka, kf) = knn_now(tr.params());
+            println!(
+                "  contrastive loss {:.4}, pbmc3k kNN {ka:.3} / F1 {kf:.3}",
+                cl / ln.max(1) as f64
+            );
         }
         train_secs += te.elapsed().as_secs_f64();
         let v = validate(&mut tr);

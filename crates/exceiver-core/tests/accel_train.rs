@@ -516,3 +516,88 @@ fn any_trainer_picks_the_device() {
         assert!(e.message.contains("CPU only"), "{}", e.message);
     }
 }
+
+/// The contrastive step (two views per cell, NT-Xent on the embeddings, added to the
+/// masked-value loss): the device trainer, whose gradient comes from candle's autograd
+/// of `Σ embedding ⊙ g`, moves the weights as the hand-written trainer, which injects
+/// `g` at the processed latent; both report the same losses. Then: repeated steps on
+/// the same views lower the contrastive loss.
+#[test]
+fn contrastive_steps_match_the_cpu_trainer() {
+    let configs = [
+        Config {
+            value_embedding: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
+        tiny(AttentionMode::Reference, 4, 4, 4, None),
+    ];
+    for (s, cfg) in configs.into_iter().enumerate() {
+        let seed = 40 + s as u64;
+        let params = Params::init(&cfg, seed).unwrap();
+        let mut rng = Rng::new(seed);
+        let zf: Vec<f32> = (0..cfg.seq_len)
+            .map(|_| rng.uniform_range(-0.6, 0.9) as f32)
+            .collect();
+        let views = random_cells(&cfg, &mut rng, 8);
+        let opts = TrainOpts {
+            lr: 1e-3,
+            warmup_steps: 0,
+            threads: 2,
+            ..TrainOpts::default()
+        };
+        let mut cpu = Trainer::new(cfg.clone(), params.clone(), zf.clone(), opts.clone()).unwrap();
+        let mut dev =
+            DeviceTrainer::new(cfg.clone(), params.clone(), zf.clone(), opts, &Device::Cpu)
+                .unwrap()
+                .with_batch_elements(40);
+        let c0 = cpu.eval_contrastive(&views, 0.5).unwrap();
+        let d0 = dev.eval_contrastive(&views, 0.5).unwrap();
+        assert!(
+            (c0 - d0).abs() <= 1e-5 * c0,
+            "contrastive loss {d0} vs CPU {c0}"
+        );
+        let (a, ac) = cpu.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+        let (b, bc) = dev.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+        assert!(
+            (ac - c0).abs() <= 1e-9 * c0,
+            "the step reports the loss before it"
+        );
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * a.loss,
+            "{} vs {}",
+            b.loss,
+            a.loss
+        );
+        assert!((a.loss - (a.mse + 2.0 * ac)).abs() <= 1e-9 * a.loss);
+        assert!((ac - bc).abs() <= 1e-5 * ac);
+        let p0 = flat(&cfg, &params);
+        let upd = |p: &[f32]| -> Vec<f32> { p.iter().zip(&p0).map(|(x, y)| x - y).collect() };
+        let r = rel32(
+            &upd(&flat(&cfg, &dev.params().unwrap())),
+            &upd(&flat(&cfg, cpu.params())),
+        );
+        eprintln!(
+            "{:?} d {}: contrastive loss {c0:.5} (device {d0:.5}), update difference {r:.2e}",
+            cfg.attention, cfg.seq_dim
+        );
+        // Adam's first step is about lr·sign(g): gradients near 0 may flip sign
+        assert!(
+            r <= 2e-2,
+            "device and CPU contrastive updates differ by {r:.2e}"
+        );
+        if cfg.attention == AttentionMode::ExpressedOnly {
+            // (with reference attention every cell attends over all 57 genes of this
+            // tiny vocabulary, so its embeddings barely differ between cells)
+            for _ in 0..30 {
+                cpu.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+            }
+            let c1 = cpu.eval_contrastive(&views, 0.5).unwrap();
+            eprintln!("  after 31 steps: {c1:.5}");
+            assert!(c1 < 0.9 * c0, "contrastive loss {c0} -> {c1}");
+        }
+        // bad batches
+        assert!(cpu.train_step_contrastive(&views[..3], 0.5, 1.0).is_err());
+        assert!(cpu.train_step_contrastive(&views[..2], 0.5, 1.0).is_err());
+        assert!(cpu.eval_contrastive(&views, 0.0).is_err());
+    }
+}

@@ -64,6 +64,17 @@ struct BatchResult {
     stats: StepStats,
     /// summed gradients, in `vars` order (with `backward`)
     grads: Option<Vec<Tensor>>,
+    /// every cell's processed latent, cells·N·d (when asked for)
+    emb: Option<Vec<f32>>,
+}
+
+/// What [`DeviceTrainer::run`] does besides the masked-value loss.
+#[derive(Clone, Copy, Default)]
+struct Extra<'a> {
+    /// return every cell's embedding
+    want_emb: bool,
+    /// add `Σ emb ⊙ g` to the loss (cells·N·d): its gradient at the embedding is `g`
+    emb_grad: Option<&'a [f32]>,
 }
 
 impl DeviceTrainer {
@@ -154,7 +165,65 @@ impl DeviceTrainer {
     /// Forward, loss, backward and one Adam update on a batch. On error (bad cell,
     /// non-finite loss or gradient) the weights are unchanged.
     pub fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
-        let r = self.run(cells, true)?;
+        let r = self.run(cells, true, Extra::default())?;
+        self.apply(r)
+    }
+
+    /// See [`crate::train::Trainer::train_step_contrastive`]: the same two passes.
+    pub fn train_step_contrastive(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        weight: f64,
+    ) -> Result<(StepStats, f64)> {
+        crate::train::check_views(views)?;
+        let nd = self.cfg.query_len * self.cfg.seq_dim;
+        let emb = self
+            .run(
+                views,
+                false,
+                Extra {
+                    want_emb: true,
+                    emb_grad: None,
+                },
+            )?
+            .emb
+            .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
+        let (closs, mut g) = crate::train::nt_xent(&emb, nd, tau)?;
+        g.iter_mut().for_each(|x| *x *= weight as f32);
+        let r = self.run(
+            views,
+            true,
+            Extra {
+                want_emb: false,
+                emb_grad: Some(&g),
+            },
+        )?;
+        let mut stats = self.apply(r)?;
+        stats.loss += weight * closs;
+        Ok((stats, closs))
+    }
+
+    /// See [`crate::train::Trainer::eval_contrastive`].
+    pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        crate::train::check_views(views)?;
+        let nd = self.cfg.query_len * self.cfg.seq_dim;
+        let emb = self
+            .run(
+                views,
+                false,
+                Extra {
+                    want_emb: true,
+                    emb_grad: None,
+                },
+            )?
+            .emb
+            .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
+        Ok(crate::train::nt_xent(&emb, nd, tau)?.0)
+    }
+
+    /// One Adam update from a backward pass's gradients (refused when not finite).
+    fn apply(&mut self, r: BatchResult) -> Result<StepStats> {
         let grads = r
             .grads
             .ok_or_else(|| Error::internal("the backward pass gave no gradients"))?;
@@ -177,7 +246,7 @@ impl DeviceTrainer {
     /// (`∂loss/∂param` per tensor, reference names via [`Params::visit`]; the mask
     /// token's row is zero).
     pub fn loss_and_grads(&self, cells: &[TrainCell]) -> Result<(StepStats, Params)> {
-        let r = self.run(cells, true)?;
+        let r = self.run(cells, true, Extra::default())?;
         let grads = r
             .grads
             .ok_or_else(|| Error::internal("the backward pass gave no gradients"))?;
@@ -191,7 +260,7 @@ impl DeviceTrainer {
 
     /// [`DeviceTrainer::eval_loss`] with the MSE / cross-entropy split.
     pub fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
-        Ok(self.run(cells, false)?.stats)
+        Ok(self.run(cells, false, Extra::default())?.stats)
     }
 
     pub fn config(&self) -> &Config {
@@ -244,7 +313,7 @@ impl DeviceTrainer {
         Params::from_named(&self.cfg, |name| Ok(named.remove(name)))
     }
 
-    fn run(&self, cells: &[TrainCell], backward: bool) -> Result<BatchResult> {
+    fn run(&self, cells: &[TrainCell], backward: bool, extra: Extra) -> Result<BatchResult> {
         let cfg = &self.cfg;
         if cells.is_empty() {
             return Err(Error::invalid("a training batch needs at least one cell"));
@@ -275,9 +344,33 @@ impl DeviceTrainer {
         } else {
             None
         };
+        let nd = cfg.query_len * cfg.seq_dim;
+        if let Some(g) = extra.emb_grad {
+            if g.len() != cells.len() * nd {
+                return Err(Error::shape(format!(
+                    "embedding gradient has {} values, {} cells need {}",
+                    g.len(),
+                    cells.len(),
+                    cells.len() * nd
+                )));
+            }
+        }
+        let mut emb = if extra.want_emb {
+            Some(vec![0.0f32; cells.len() * nd])
+        } else {
+            None
+        };
         for idx in &chunks {
             let (loss, s, c) = self
-                .chunk_loss(cells, idx, &q, zt.as_ref(), masked)
+                .chunk_loss(
+                    cells,
+                    idx,
+                    &q,
+                    zt.as_ref(),
+                    masked,
+                    extra,
+                    emb.as_deref_mut(),
+                )
                 .map_err(compute_err)?;
             sse += s;
             ce += c;
@@ -331,7 +424,7 @@ impl DeviceTrainer {
         } else {
             None
         };
-        Ok(BatchResult { stats, grads })
+        Ok(BatchResult { stats, grads, emb })
     }
 
     /// Forward of one chunk: the loss tensor scaled by the whole batch's counts (MSE over
@@ -339,6 +432,7 @@ impl DeviceTrainer {
     /// Exceiver without masked genes), and the chunk's sum of squared
     /// errors and of cross-entropies in f64 (computed on the host from f32 outputs, as
     /// the CPU trainer does).
+    #[allow(clippy::too_many_arguments)]
     fn chunk_loss(
         &self,
         cells: &[TrainCell],
@@ -346,11 +440,14 @@ impl DeviceTrainer {
         q: &Tensor,
         zt: Option<&super::net::ZeroTerms>,
         masked: usize,
+        extra: Extra,
+        emb_out: Option<&mut [f32]>,
     ) -> candle_core::Result<(Option<Tensor>, f64, f64)> {
         let cfg = &self.cfg;
         let dev = &self.dev;
         let classes = cfg.num_classes;
-        if classes.is_none() && idx.iter().all(|&i| cells[i].mask.is_empty()) {
+        let plain = extra.emb_grad.is_none() && emb_out.is_none();
+        if plain && classes.is_none() && idx.iter().all(|&i| cells[i].mask.is_empty()) {
             // nothing to predict in this chunk: it adds nothing to the loss
             return Ok((None, 0.0, 0.0));
         }
@@ -366,6 +463,26 @@ impl DeviceTrainer {
         let inp = EncIn::upload(&host, cfg, dev, true)?;
         let enc = self.net.encode(cfg, q, zt, &inp)?;
         let lat = self.net.process(cfg, &enc, false)?.pop().unwrap_or(enc);
+        let nd = cfg.query_len * cfg.seq_dim;
+        if let Some(out) = emb_out {
+            let host = lat.flatten_all()?.to_vec1::<f32>()?;
+            for (j, &i) in idx.iter().enumerate() {
+                out[i * nd..(i + 1) * nd].copy_from_slice(&host[j * nd..(j + 1) * nd]);
+            }
+        }
+        let mut loss = Tensor::zeros((), DType::F32, dev)?;
+        if let Some(g) = extra.emb_grad {
+            let mut gc = Vec::with_capacity(idx.len() * nd);
+            for &i in idx {
+                gc.extend_from_slice(&g[i * nd..(i + 1) * nd]);
+            }
+            let gt = Tensor::from_slice(&gc, lat.shape(), dev)?;
+            loss = (loss + (&lat * gt)?.sum_all()?)?;
+        }
+        if classes.is_none() && idx.iter().all(|&i| cells[i].mask.is_empty()) {
+            // nothing for the decoder to predict in this chunk
+            return Ok((extra.emb_grad.map(|_| loss), 0.0, 0.0));
+        }
         let lists: Vec<Vec<u32>> = idx
             .iter()
             .map(|&i| cells[i].mask.iter().map(|&p| cells[i].genes[p]).collect())
@@ -376,7 +493,6 @@ impl DeviceTrainer {
         debug_assert_eq!(rows.len(), b * width);
         let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
         let dec = self.net.decode(cfg, &lat, &rows)?;
-        let mut loss = Tensor::zeros((), DType::F32, dev)?;
         let (mut sse, mut ce) = (0.0f64, 0.0f64);
         if qm > 0 && masked > 0 {
             let mut target = vec![0.0f32; b * qm];
@@ -558,6 +674,27 @@ impl AnyTrainer {
         match self {
             AnyTrainer::Cpu(t) => t.train_step(cells),
             AnyTrainer::Device(t) => t.train_step(cells),
+        }
+    }
+
+    /// See [`crate::train::Trainer::train_step_contrastive`].
+    pub fn train_step_contrastive(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        weight: f64,
+    ) -> Result<(StepStats, f64)> {
+        match self {
+            AnyTrainer::Cpu(t) => t.train_step_contrastive(views, tau, weight),
+            AnyTrainer::Device(t) => t.train_step_contrastive(views, tau, weight),
+        }
+    }
+
+    /// See [`crate::train::Trainer::eval_contrastive`].
+    pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        match self {
+            AnyTrainer::Cpu(t) => t.eval_contrastive(views, tau),
+            AnyTrainer::Device(t) => t.eval_contrastive(views, tau),
         }
     }
 

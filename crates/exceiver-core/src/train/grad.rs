@@ -857,8 +857,11 @@ fn check_cell(cfg: &Config, ws: &mut Ws, cell: &TrainCell) -> Result<()> {
     }
 }
 
-/// Forward (and with `acc_grads`, backward) of one cell; adds its squared error and
-/// cross-entropy to `acc`.
+/// Forward (and with `backward`, backward) of one cell; adds its squared error and
+/// cross-entropy to `acc`. `emb_out` receives the processed latent (the cell
+/// embedding, N·d); `emb_grad` is an extra loss's gradient with respect to it, added
+/// to the backward pass (the contrastive term of [`crate::train::Trainer`]).
+#[allow(clippy::too_many_arguments)]
 fn cell_step(
     sh: &Shared,
     cell: &TrainCell,
@@ -866,6 +869,8 @@ fn cell_step(
     ws: &mut Ws,
     acc: &mut Acc,
     backward: bool,
+    emb_out: Option<&mut [f32]>,
+    emb_grad: Option<&[f32]>,
 ) -> Result<()> {
     let cfg = sh.cfg;
     check_cell(cfg, ws, cell)?;
@@ -1037,6 +1042,10 @@ fn cell_step(
             buf(&mut lw.xhat2, n * d),
             buf(&mut lw.rstd2, n),
         );
+    }
+
+    if let Some(o) = emb_out {
+        o.copy_from_slice(&ws.xl[..n * d]);
     }
 
     // ---------------- decoder forward
@@ -1302,6 +1311,9 @@ fn cell_step(
         );
     }
     // ∂ of the latent is in ws.gt2 (n·d)
+    if let Some(gz) = emb_grad {
+        add_into(&mut ws.gt2[..n * d], gz);
+    }
 
     // ---------------- process backward
     for l in (0..cfg.num_layers).rev() {
@@ -1594,6 +1606,9 @@ fn value_term_bwd(dkn: &[f32], vals: &[f32], d: usize, du: &mut [f32]) {
 
 /// Run a batch: forward (and backward) of every cell on `states.len()` threads.
 /// Returns the statistics and, with `backward`, the gradients (in `states[0]`).
+/// `emb_out` (cells·N·d) receives every cell's embedding; `emb_grad` (same layout)
+/// adds an extra loss's gradient with respect to the embeddings.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_batch(
     cfg: &Config,
     params: &Params,
@@ -1601,6 +1616,8 @@ pub(crate) fn run_batch(
     cells: &[TrainCell],
     states: &mut [ThreadState],
     backward: bool,
+    emb_out: Option<&mut [f32]>,
+    emb_grad: Option<&[f32]>,
 ) -> Result<StepStats> {
     if cells.is_empty() {
         return Err(Error::invalid("a training batch needs at least one cell"));
@@ -1636,17 +1653,41 @@ pub(crate) fn run_batch(
         st.acc.reset(cfg, backward);
     }
     let per = cells.len().div_ceil(threads);
+    let nd = cfg.query_len * cfg.seq_dim;
+    for (name, len) in [
+        ("embedding output", emb_out.as_ref().map(|o| o.len())),
+        ("embedding gradient", emb_grad.map(|g| g.len())),
+    ] {
+        if let Some(len) = len {
+            if len != cells.len() * nd {
+                return Err(Error::shape(format!(
+                    "{name} has {len} values, {} cells need {}",
+                    cells.len(),
+                    cells.len() * nd
+                )));
+            }
+        }
+    }
+    let mut outs: Vec<Option<&mut [f32]>> = match emb_out {
+        Some(o) => o.chunks_mut(per * nd).map(Some).collect(),
+        None => (0..threads).map(|_| None).collect(),
+    };
+    outs.resize_with(threads, || None);
     let shr = &sh;
     std::thread::scope(|s| -> Result<()> {
         let hs: Vec<_> = states
             .iter_mut()
             .zip(cells.chunks(per))
+            .zip(outs)
             .enumerate()
-            .map(|(t, (st, cs))| {
+            .map(|(t, ((st, cs), mut out))| {
                 s.spawn(move || -> Result<()> {
                     for (k, c) in cs.iter().enumerate() {
-                        cell_step(shr, c, norm, &mut st.ws, &mut st.acc, backward)
-                            .map_err(|e| e.context(format!("cell {}", t * per + k)))?;
+                        let i = t * per + k;
+                        let o = out.as_deref_mut().map(|o| &mut o[k * nd..(k + 1) * nd]);
+                        let gz = emb_grad.map(|g| &g[i * nd..(i + 1) * nd]);
+                        cell_step(shr, c, norm, &mut st.ws, &mut st.acc, backward, o, gz)
+                            .map_err(|e| e.context(format!("cell {i}")))?;
                     }
                     Ok(())
                 })

@@ -275,7 +275,78 @@ impl Trainer {
             cells,
             &mut self.states,
             true,
+            None,
+            None,
         )?;
+        self.apply_grads()?;
+        Ok(stats)
+    }
+
+    /// A step of masked value prediction plus a contrastive term on the cell
+    /// embeddings: `views` holds two augmented views of each cell, in pairs (2i, 2i+1);
+    /// the loss adds `weight` times the NT-Xent loss ([`nt_xent`]) of the views'
+    /// embeddings at temperature `tau`, which pulls two views of a cell together and
+    /// pushes the other cells of the batch away. Two passes: embeddings first (no
+    /// gradient), then forward and backward with the contrastive gradient added at the
+    /// processed latent. Returns the step statistics and the contrastive loss.
+    pub fn train_step_contrastive(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        weight: f64,
+    ) -> Result<(StepStats, f64)> {
+        check_views(views)?;
+        let nd = self.cfg.query_len * self.cfg.seq_dim;
+        let mut emb = vec![0.0f32; views.len() * nd];
+        grad::run_batch(
+            &self.cfg,
+            &self.params,
+            &self.zero_fill,
+            views,
+            &mut self.states,
+            false,
+            Some(&mut emb),
+            None,
+        )?;
+        let (closs, mut cgrad) = nt_xent(&emb, nd, tau)?;
+        cgrad.iter_mut().for_each(|g| *g *= weight as f32);
+        let mut stats = grad::run_batch(
+            &self.cfg,
+            &self.params,
+            &self.zero_fill,
+            views,
+            &mut self.states,
+            true,
+            None,
+            Some(&cgrad),
+        )?;
+        self.apply_grads()?;
+        stats.loss += weight * closs;
+        Ok((stats, closs))
+    }
+
+    /// The NT-Xent loss of `views` (pairs, as in [`Trainer::train_step_contrastive`])
+    /// under the current weights (no update).
+    pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        check_views(views)?;
+        let nd = self.cfg.query_len * self.cfg.seq_dim;
+        let mut emb = vec![0.0f32; views.len() * nd];
+        grad::run_batch(
+            &self.cfg,
+            &self.params,
+            &self.zero_fill,
+            views,
+            &mut self.states,
+            false,
+            Some(&mut emb),
+            None,
+        )?;
+        Ok(nt_xent(&emb, nd, tau)?.0)
+    }
+
+    /// One Adam update from the gradients in `states[0]`, refused (weights
+    /// unchanged) when any gradient is not finite.
+    fn apply_grads(&mut self) -> Result<()> {
         let grads = &self.states[0].acc.grads;
         let mut bad = None;
         grads.visit(&self.cfg, |name, _, v| {
@@ -292,8 +363,7 @@ impl Trainer {
         }
         let lr = self.opts.lr_at(self.adam.t);
         self.adam
-            .update(&self.cfg, &mut self.params, grads, lr, &self.opts)?;
-        Ok(stats)
+            .update(&self.cfg, &mut self.params, grads, lr, &self.opts)
     }
 
     /// The loss of a batch under the current weights (no update).
@@ -310,6 +380,8 @@ impl Trainer {
             cells,
             &mut self.states,
             false,
+            None,
+            None,
         )
     }
 
@@ -359,9 +431,117 @@ pub fn loss_and_grads(
     let mut states: Vec<ThreadState> = (0..thread_count(threads).min(cells.len().max(1)))
         .map(|_| ThreadState::new(cfg))
         .collect();
-    let stats = grad::run_batch(cfg, params, zero_fill, cells, &mut states, true)?;
+    let stats = grad::run_batch(cfg, params, zero_fill, cells, &mut states, true, None, None)?;
     let grads = std::mem::replace(&mut states[0].acc.grads, Params::zeros(cfg));
     Ok((stats, grads))
+}
+
+/// A contrastive batch: two views per cell, so an even number, and at least two cells.
+pub(crate) fn check_views(views: &[TrainCell]) -> Result<()> {
+    if views.len() < 4 || views.len() % 2 != 0 {
+        return Err(Error::invalid(format!(
+            "a contrastive batch needs two views of each of at least 2 cells, an even number of views (got {})",
+            views.len()
+        )));
+    }
+    Ok(())
+}
+
+/// NT-Xent (the normalised-temperature cross-entropy of SimCLR, Chen et al. 2020) of
+/// `2B` embeddings of `dim` floats paired as (2i, 2i+1): with `u` the unit-length
+/// embeddings and `s_ij = u_i·u_j / tau`,
+/// `loss = 1/2B · Σ_i [ −s_i,p(i) + log Σ_{j≠i} exp(s_ij) ]`, p(i) the partner of i.
+/// Returns the loss and its gradient with respect to the (unnormalised) embeddings.
+pub fn nt_xent(emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
+    if dim == 0 || emb.len() % dim != 0 {
+        return Err(Error::shape(format!(
+            "{} embedding values are not a whole number of {dim}-float rows",
+            emb.len()
+        )));
+    }
+    let m = emb.len() / dim;
+    if m < 4 || m % 2 != 0 {
+        return Err(Error::invalid(format!(
+            "NT-Xent needs an even number of embeddings, at least 4 (got {m})"
+        )));
+    }
+    if !(tau.is_finite() && tau > 0.0) {
+        return Err(Error::invalid(format!(
+            "the contrastive temperature must be a positive number (got {tau})"
+        )));
+    }
+    let norms: Vec<f64> = emb
+        .chunks(dim)
+        .map(|r| {
+            r.iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12)
+        })
+        .collect();
+    let u: Vec<f64> = emb
+        .chunks(dim)
+        .zip(&norms)
+        .flat_map(|(r, &nr)| r.iter().map(move |&x| x as f64 / nr))
+        .collect();
+    // similarities / tau, and the row softmax over j ≠ i
+    let mut s = vec![0.0f64; m * m];
+    for i in 0..m {
+        for j in i..m {
+            let dot: f64 = u[i * dim..(i + 1) * dim]
+                .iter()
+                .zip(&u[j * dim..(j + 1) * dim])
+                .map(|(a, b)| a * b)
+                .sum();
+            s[i * m + j] = dot / tau;
+            s[j * m + i] = dot / tau;
+        }
+    }
+    let mut loss = 0.0;
+    // c_ij = ∂loss/∂s_ij
+    let mut c = vec![0.0f64; m * m];
+    let scale = 1.0 / m as f64;
+    for i in 0..m {
+        let p = i ^ 1;
+        let row = &s[i * m..(i + 1) * m];
+        let mx = (0..m)
+            .filter(|&j| j != i)
+            .map(|j| row[j])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = (0..m)
+            .filter(|&j| j != i)
+            .map(|j| (row[j] - mx).exp())
+            .sum();
+        loss += mx + z.ln() - row[p];
+        for j in 0..m {
+            if j != i {
+                c[i * m + j] = scale * ((row[j] - mx).exp() / z);
+            }
+        }
+        c[i * m + p] -= scale;
+    }
+    loss *= scale;
+    // ∂loss/∂u_i = Σ_j (c_ij + c_ji) u_j / tau; then through the normalisation
+    let mut grad = vec![0.0f32; m * dim];
+    let mut gu = vec![0.0f64; dim];
+    for i in 0..m {
+        gu.iter_mut().for_each(|v| *v = 0.0);
+        for j in 0..m {
+            let w = (c[i * m + j] + c[j * m + i]) / tau;
+            if w != 0.0 {
+                for (g, &x) in gu.iter_mut().zip(&u[j * dim..(j + 1) * dim]) {
+                    *g += w * x;
+                }
+            }
+        }
+        let ui = &u[i * dim..(i + 1) * dim];
+        let proj: f64 = gu.iter().zip(ui).map(|(a, b)| a * b).sum();
+        for k in 0..dim {
+            grad[i * dim + k] = ((gu[k] - proj * ui[k]) / norms[i]) as f32;
+        }
+    }
+    Ok((loss, grad))
 }
 
 /// Start a model trained from scratch with its value head predicting `mean_target`
@@ -457,4 +637,42 @@ pub fn mask_positions(nnz: usize, n_mask: usize, rng: &mut Rng) -> Result<Vec<us
     }
     idx.truncate(n_mask);
     Ok(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nt_xent_gradient_matches_finite_differences() {
+        let (m, dim) = (6usize, 5usize);
+        let mut rng = Rng::new(3);
+        let emb: Vec<f32> = (0..m * dim).map(|_| rng.normal() as f32).collect();
+        let (loss, grad) = nt_xent(&emb, dim, 0.3).unwrap();
+        assert!(loss.is_finite() && loss > 0.0);
+        for k in 0..m * dim {
+            let h = 1e-3f32;
+            let mut e = emb.clone();
+            e[k] += h;
+            let up = nt_xent(&e, dim, 0.3).unwrap().0;
+            e[k] -= 2.0 * h;
+            let dn = nt_xent(&e, dim, 0.3).unwrap().0;
+            let fd = (up - dn) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[k] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "value {k}: finite difference {fd}, analytic {}",
+                grad[k]
+            );
+        }
+        // identical partners, orthogonal pairs: the loss is at its minimum for tau
+        let mut e = vec![0.0f32; 4 * 4];
+        for i in 0..4 {
+            e[i * 4 + i / 2] = 1.0;
+        }
+        let (l2, _) = nt_xent(&e, 4, 0.1).unwrap();
+        let want = -10.0 + (10f64.exp() + 2.0).ln();
+        assert!((l2 - want).abs() < 1e-9, "{l2} vs {want}");
+        assert!(nt_xent(&emb[..3 * dim], dim, 0.3).is_err());
+        assert!(nt_xent(&emb, dim, 0.0).is_err());
+    }
 }
