@@ -58,6 +58,12 @@ pub(crate) struct Options {
     pub attention: Option<AttentionMode>,
     /// None: on for the small preset, off for the published shape.
     pub value_embedding: Option<bool>,
+    /// Weight of the contrastive term (0: masked value prediction only). None: the
+    /// small preset's default for a new model, 0 otherwise.
+    pub contrastive: Option<f64>,
+    pub contrastive_temperature: f64,
+    /// Fraction of a cell's expressed genes each contrastive view keeps.
+    pub contrastive_keep: f64,
     pub parent: Option<String>,
     pub progress_every: u64,
     /// Finetuning only: the fraction of labelled cells used (hash of cell_id).
@@ -66,7 +72,7 @@ pub(crate) struct Options {
     pub init_random: bool,
 }
 
-const KEYS: [&str; 26] = [
+const KEYS: [&str; 29] = [
     "preset",
     "seq_dim",
     "query_len",
@@ -89,6 +95,9 @@ const KEYS: [&str; 26] = [
     "max_cells",
     "attention",
     "value_embedding",
+    "contrastive",
+    "contrastive_temperature",
+    "contrastive_keep",
     "parent",
     "progress_every",
     "label_fraction",
@@ -159,8 +168,20 @@ fn apply_preset_defaults(o: &mut Options) {
         if o.n_top_genes.is_none() {
             o.n_top_genes = Some(SMALL_TOP_GENES);
         }
+        if o.contrastive.is_none() {
+            o.contrastive = Some(SMALL_CONTRASTIVE);
+        }
     }
 }
+
+/// Weight of the contrastive term in the small preset. Masked value prediction on the
+/// expressed genes is solved largely from gene identity and sequencing depth, so its
+/// cell embeddings barely separate cell types (pbmc3k kNN-15 0.59 after training on
+/// Kang, below the 0.65 of random weights). Two views of each cell (random halves of
+/// its expressed genes) pulled together and pushed away from the batch's other cells
+/// (NT-Xent, SimCLR) make the embedding say which cell it is: see README, "Training
+/// objective", for what was measured.
+const SMALL_CONTRASTIVE: f64 = 1.0;
 
 /// Vocabulary size of the small preset: the most variable genes of the training cells.
 /// Measured on Kang (examples/quality.rs): 2,000 of 13,778 genes leave a median of 82
@@ -226,6 +247,9 @@ pub(crate) fn parse_options(v: &Value) -> Options {
                 "option \"value_embedding\" must be true or false, not {v}"
             )),
         }),
+        contrastive: num_opt(m, "contrastive", 0.0, 1000.0),
+        contrastive_temperature: num_opt(m, "contrastive_temperature", 0.001, 100.0).unwrap_or(0.1),
+        contrastive_keep: num_opt(m, "contrastive_keep", 0.01, 1.0).unwrap_or(0.5),
         parent: str_opt(m, "parent").map(str::to_string),
         progress_every: int_opt(m, "progress_every", 1, i64::MAX).unwrap_or(50) as u64,
         label_fraction: num_opt(m, "label_fraction", 1e-6, 1.0).unwrap_or(1.0),
@@ -687,12 +711,61 @@ pub(crate) fn run_training(
         })
     };
 
-    // 3. Validation: fixed masks (same seed every pass), also the baseline's MSE.
+    // Contrastive views (plain Exceiver models only): each expressed gene kept with
+    // probability contrastive_keep, then n_mask of the kept ones masked as usual.
+    let contrast = if run.label_column.is_none() {
+        o.contrastive.unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    let tau = o.contrastive_temperature;
+    let to_view = |cell: &RawCell, rng: &mut Rng| -> Option<TrainCell> {
+        let values = model_values(cell, &scaler);
+        let (mut g, mut v) = (Vec::new(), Vec::new());
+        for (&gi, &vi) in cell.genes.iter().zip(&values) {
+            if rng.uniform() < o.contrastive_keep {
+                g.push(gi);
+                v.push(vi);
+            }
+        }
+        if g.len() <= n_mask {
+            return None;
+        }
+        let mask = mask_positions(g.len(), n_mask, rng).ok()?;
+        Some(TrainCell {
+            genes: g,
+            values: v,
+            mask,
+            label: None,
+        })
+    };
+    let views_of = |raw: &[RawCell], rng: &mut Rng| -> Vec<TrainCell> {
+        raw.iter()
+            .filter_map(|c| {
+                let a = to_view(c, rng)?;
+                let b = to_view(c, rng)?;
+                Some([a, b])
+            })
+            .flatten()
+            .collect()
+    };
+
+    // 3. Validation: fixed masks (same seed every pass), also the baseline's MSE and,
+    // when training contrastively, the NT-Xent loss of fixed views.
+    struct Val {
+        mse: f64,
+        base: f64,
+        ce: f64,
+        contrastive: f64,
+        cells: usize,
+    }
     let val_scan = format!("SELECT cell_id::text, genes, counts::real[]{label_sql} FROM {rel} WHERE {val_where} ORDER BY cell_id");
-    let validate = |trainer: &mut AnyTrainer| -> (f64, f64, f64, usize) {
+    let validate = |trainer: &mut AnyTrainer| -> Val {
         let mut rng = Rng::new(o.seed ^ 0x5eed_5eed);
+        let mut vrng = Rng::new(o.seed ^ 0xc0ff_ee00);
         let (mut se, mut base_se, mut ce, mut masked, mut cells) =
             (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+        let (mut csum, mut cn) = (0.0f64, 0usize);
         let mut nulls = 0u64;
         Spi::connect(|c| {
             let mut cur = c.try_open_cursor(val_scan.as_str(), &[])?;
@@ -706,6 +779,14 @@ pub(crate) fn run_training(
                 )?;
                 if raw.is_empty() {
                     break;
+                }
+                if contrast > 0.0 {
+                    let views = views_of(&raw, &mut vrng);
+                    if views.len() >= 4 {
+                        csum +=
+                            trainer.eval_contrastive(&views, tau).or_raise() * views.len() as f64;
+                        cn += views.len();
+                    }
                 }
                 let batch: Vec<TrainCell> =
                     raw.iter().filter_map(|c| to_train(c, &mut rng)).collect();
@@ -728,23 +809,36 @@ pub(crate) fn run_training(
             Ok::<_, SpiError>(())
         })
         .or_raise();
+        let contrastive = if cn > 0 { csum / cn as f64 } else { f64::NAN };
         if masked == 0 {
-            return (f64::NAN, f64::NAN, f64::NAN, 0);
+            return Val {
+                mse: f64::NAN,
+                base: f64::NAN,
+                ce: f64::NAN,
+                contrastive,
+                cells: 0,
+            };
         }
-        (
-            se / masked as f64,
-            base_se / masked as f64,
-            ce / cells.max(1) as f64,
+        Val {
+            mse: se / masked as f64,
+            base: base_se / masked as f64,
+            ce: ce / cells.max(1) as f64,
+            contrastive,
             cells,
-        )
+        }
     };
 
     // 4. Epochs.
     let steps_per_epoch = ((train_cells as usize - too_small).div_ceil(o.batch_size)).max(1) as u64;
     let total_steps = steps_per_epoch * o.epochs as u64;
     notice!(
-        "training \"{}\" on {rel}: {train_cells} training cells, {} genes, {} masked per cell, {} epochs of {steps_per_epoch} steps (batch {}), {} parameters, {threads} threads",
-        run.model, n_genes, n_mask, o.epochs, o.batch_size, n_params
+        "training \"{}\" on {rel}: {train_cells} training cells, {} genes, {} masked per cell, {} epochs of {steps_per_epoch} steps (batch {}), {} parameters, {threads} threads{}",
+        run.model, n_genes, n_mask, o.epochs, o.batch_size, n_params,
+        if contrast > 0.0 {
+            format!("; contrastive term weight {contrast} (two views of each cell keeping {} of its genes, temperature {tau})", o.contrastive_keep)
+        } else {
+            String::new()
+        }
     );
     let mut history: Vec<Value> = Vec::new();
     let mut best: Option<(f64, Params)> = None;
@@ -766,7 +860,7 @@ pub(crate) fn run_training(
                 .wrapping_mul(1_000_003)
                 .wrapping_add(epoch as u64 + 1),
         );
-        let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
+        let (mut loss_sum, mut loss_n, mut closs_sum) = (0.0f64, 0usize, 0.0f64);
         Spi::connect(|c| {
             let mut cur = c.try_open_cursor(order.as_str(), &[])?;
             let mut nulls = 0u64;
@@ -775,17 +869,27 @@ pub(crate) fn run_training(
                 if raw.is_empty() {
                     break;
                 }
-                let batch: Vec<TrainCell> = raw.iter().filter_map(|c| to_train(c, &mut rng)).collect();
-                if batch.is_empty() {
-                    continue;
-                }
                 let ts = Instant::now();
-                let s = trainer.train_step(&batch).or_raise();
+                let (s, n_cells) = if contrast > 0.0 {
+                    let views = views_of(&raw, &mut rng);
+                    if views.len() < 4 {
+                        continue;
+                    }
+                    let (s, c) = trainer.train_step_contrastive(&views, tau, contrast).or_raise();
+                    closs_sum += c * (views.len() / 2) as f64;
+                    (s, views.len() / 2)
+                } else {
+                    let batch: Vec<TrainCell> = raw.iter().filter_map(|c| to_train(c, &mut rng)).collect();
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    (trainer.train_step(&batch).or_raise(), batch.len())
+                };
                 train_time += ts.elapsed().as_secs_f64();
                 step += 1;
-                cells_seen += batch.len() as u64;
-                loss_sum += s.loss * batch.len() as f64;
-                loss_n += batch.len();
+                cells_seen += n_cells as u64;
+                loss_sum += s.loss * n_cells as f64;
+                loss_n += n_cells;
                 check_for_interrupts!();
                 if step % o.progress_every == 0 {
                     let el = train_t0.elapsed().as_secs_f64();
@@ -801,29 +905,52 @@ pub(crate) fn run_training(
             Ok::<_, SpiError>(())
         })
         .or_raise();
-        let (val_mse, base_mse, val_ce, val_cells) = validate(&mut trainer);
+        let Val {
+            mse: val_mse,
+            base: base_mse,
+            ce: val_ce,
+            contrastive: val_contrastive,
+            cells: val_cells,
+        } = validate(&mut trainer);
         baseline_val = base_mse;
         epochs_done = epoch + 1;
         let train_loss = loss_sum / loss_n.max(1) as f64;
         let mut h = json!({"epoch": epoch + 1, "step": step, "train_loss": train_loss,
                            "seconds": train_t0.elapsed().as_secs_f64()});
+        if contrast > 0.0 {
+            h["train_contrastive"] = json!(closs_sum / loss_n.max(1) as f64);
+        }
         if val_cells > 0 {
             h["val_mse"] = json!(val_mse);
             if run.label_column.is_some() {
                 h["val_ce"] = json!(val_ce);
             }
+            if val_contrastive.is_finite() {
+                h["val_contrastive"] = json!(val_contrastive);
+            }
         }
         history.push(h);
+        // the objective being minimised, on the validation cells
         let score = if run.label_column.is_some() {
             val_mse + val_ce
+        } else if contrast > 0.0 && val_contrastive.is_finite() {
+            val_mse + contrast * val_contrastive
         } else {
             val_mse
         };
+        let mut extra = String::new();
+        if run.label_column.is_some() {
+            extra = format!(", validation CE {val_ce:.4}");
+        } else if contrast > 0.0 {
+            extra = format!(
+                ", contrastive loss {:.4} (validation {val_contrastive:.4})",
+                closs_sum / loss_n.max(1) as f64
+            );
+        }
         notice!(
-            "epoch {}/{}: train loss {train_loss:.4}, validation MSE {val_mse:.4} (per-gene mean baseline {base_mse:.4}){}, {:.1} cells/s",
+            "epoch {}/{}: train loss {train_loss:.4}, validation MSE {val_mse:.4} (per-gene mean baseline {base_mse:.4}){extra}, {:.1} cells/s",
             epoch + 1,
             o.epochs,
-            if run.label_column.is_some() { format!(", validation CE {val_ce:.4}") } else { String::new() },
             cells_seen as f64 / train_t0.elapsed().as_secs_f64().max(1e-9)
         );
         if val_cells == 0 {
@@ -903,6 +1030,7 @@ fn options_json(o: &Options) -> Value {
     json!({"preset": o.preset, "learning_rate": o.learning_rate, "weight_decay": o.weight_decay,
            "warmup_steps": o.warmup_steps, "batch_size": o.batch_size, "frac": o.frac, "epochs": o.epochs,
            "val_fraction": o.val_fraction, "patience": o.patience, "seed": o.seed, "min_cells": o.min_cells, "n_top_genes": o.n_top_genes.unwrap_or(0),
+           "contrastive": o.contrastive.unwrap_or(0.0), "contrastive_temperature": o.contrastive_temperature, "contrastive_keep": o.contrastive_keep,
            "max_cells": o.max_cells, "parent": o.parent})
 }
 
@@ -1020,6 +1148,11 @@ fn finetune(
     ] {
         if options.0.get(k).is_some() {
             bad(format!("option \"{k}\" cannot be used with finetune: the model's shape and vocabulary come from the base model"));
+        }
+    }
+    for k in ["contrastive", "contrastive_temperature", "contrastive_keep"] {
+        if options.0.get(k).is_some() {
+            bad(format!("option \"{k}\" cannot be used with finetune: a classifier is trained on its labels (masked-value MSE + cross-entropy); use it in exceiver.train"));
         }
     }
     check_new_model_name(new_model);

@@ -16,6 +16,11 @@ SELECT name, kind, n_genes > 100 AS many_genes, embedding_dim, has_scaler, paren
 FROM exceiver.models WHERE name = 'tiny';
 -- the small preset's choices, recorded in the config: expressed-only attention, value embedding
 SELECT config->>'attention' AS attention, config->>'value_embedding' AS value_embedding FROM exceiver.models WHERE name = 'tiny';
+-- ... and the contrastive term: recorded in the options, its losses in every epoch's history
+SELECT metrics->'options'->>'contrastive' AS contrastive, metrics->'options'->>'contrastive_keep' AS keep,
+       (SELECT bool_and(h ? 'train_contrastive' AND h ? 'val_contrastive')
+        FROM jsonb_array_elements(history) h) AS history_has_contrastive
+FROM exceiver.model_catalog WHERE name = 'tiny';
 -- reproducible: the same options, seed and exceiver.threads give the same weights, byte for byte
 SET client_min_messages = warning;
 SELECT model FROM exceiver.train('tiny_again', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
@@ -50,6 +55,8 @@ SELECT model, classes, epochs FROM exceiver.finetune('tiny', 'tiny_stim', 'kang_
 SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_rand', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "init": "random"}');
 RESET client_min_messages;
 SELECT name, kind, parent, labels FROM exceiver.models WHERE name LIKE 'tiny%' ORDER BY name;
+-- continued training does not add the contrastive term unless asked
+SELECT metrics->'options'->>'contrastive' AS contrastive FROM exceiver.model_catalog WHERE name = 'tiny_ft';
 SELECT exceiver.classify('tiny_stim', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
 SELECT count(*) AS labels, round(sum(probability)::numeric, 4) AS total
 FROM (SELECT * FROM kang_small LIMIT 1) k, exceiver.classify_proba('tiny_stim', k.genes, k.counts);
@@ -66,6 +73,10 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embed
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"n_top_genes": -1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "n_top_genes": 100}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": -1}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
 SELECT * FROM exceiver.train('x', 'no_such_table');
@@ -76,6 +87,7 @@ SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"contrastive": 1}');
 UPDATE kang_small SET stim = 'CTRL';
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
 SELECT count(*) AS no_model_x FROM exceiver.models WHERE name = 'x';
