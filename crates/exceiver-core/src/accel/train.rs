@@ -176,20 +176,7 @@ impl DeviceTrainer {
         tau: f64,
         weight: f64,
     ) -> Result<(StepStats, f64)> {
-        crate::train::check_views(views)?;
-        let nd = self.cfg.query_len * self.cfg.seq_dim;
-        let emb = self
-            .run(
-                views,
-                false,
-                Extra {
-                    want_emb: true,
-                    emb_grad: None,
-                },
-            )?
-            .emb
-            .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
-        let (closs, mut g) = crate::train::nt_xent(&emb, nd, tau)?;
+        let (closs, mut g) = self.contrastive_loss(views, tau)?;
         g.iter_mut().for_each(|x| *x *= weight as f32);
         let r = self.run(
             views,
@@ -206,6 +193,11 @@ impl DeviceTrainer {
 
     /// See [`crate::train::Trainer::eval_contrastive`].
     pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        Ok(self.contrastive_loss(views, tau)?.0)
+    }
+
+    /// NT-Xent of the views' embeddings and its gradient with respect to them.
+    fn contrastive_loss(&self, views: &[TrainCell], tau: f64) -> Result<(f64, Vec<f32>)> {
         crate::train::check_views(views)?;
         let nd = self.cfg.query_len * self.cfg.seq_dim;
         let emb = self
@@ -219,7 +211,7 @@ impl DeviceTrainer {
             )?
             .emb
             .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
-        Ok(crate::train::nt_xent(&emb, nd, tau)?.0)
+        crate::train::nt_xent(&emb, nd, tau)
     }
 
     /// One Adam update from a backward pass's gradients (refused when not finite).

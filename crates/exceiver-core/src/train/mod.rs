@@ -295,20 +295,7 @@ impl Trainer {
         tau: f64,
         weight: f64,
     ) -> Result<(StepStats, f64)> {
-        check_views(views)?;
-        let nd = self.cfg.query_len * self.cfg.seq_dim;
-        let mut emb = vec![0.0f32; views.len() * nd];
-        grad::run_batch(
-            &self.cfg,
-            &self.params,
-            &self.zero_fill,
-            views,
-            &mut self.states,
-            false,
-            Some(&mut emb),
-            None,
-        )?;
-        let (closs, mut cgrad) = nt_xent(&emb, nd, tau)?;
+        let (closs, mut cgrad) = self.contrastive_loss(views, tau)?;
         cgrad.iter_mut().for_each(|g| *g *= weight as f32);
         let mut stats = grad::run_batch(
             &self.cfg,
@@ -328,6 +315,12 @@ impl Trainer {
     /// The NT-Xent loss of `views` (pairs, as in [`Trainer::train_step_contrastive`])
     /// under the current weights (no update).
     pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        Ok(self.contrastive_loss(views, tau)?.0)
+    }
+
+    /// NT-Xent of the views' embeddings (one forward pass, no weight gradients) and
+    /// its gradient with respect to those embeddings.
+    fn contrastive_loss(&mut self, views: &[TrainCell], tau: f64) -> Result<(f64, Vec<f32>)> {
         check_views(views)?;
         let nd = self.cfg.query_len * self.cfg.seq_dim;
         let mut emb = vec![0.0f32; views.len() * nd];
@@ -341,7 +334,7 @@ impl Trainer {
             Some(&mut emb),
             None,
         )?;
-        Ok(nt_xent(&emb, nd, tau)?.0)
+        nt_xent(&emb, nd, tau)
     }
 
     /// One Adam update from the gradients in `states[0]`, refused (weights
