@@ -19,6 +19,9 @@
 //!   --contrast W --tau T --keep P     (contrastive term as exceiver.train's options
 //!                                      contrastive / _temperature / _keep; then the
 //!                                      pbmc3k kNN is printed after every epoch)
+//!   --head H --head-out O             (projection head H → O for the contrastive term,
+//!                                      as the option contrastive_head; O default 128)
+//!   --no-std                          (model values log1p + 1, as standardize false)
 //! ```
 //!
 //! Data preparation follows `src/api/train.rs`: vocabulary = genes expressed in at
@@ -353,7 +356,11 @@ fn main() {
         }
         nnz.push(kraw[c].genes.len());
     }
-    let scaler = fit.finish().unwrap();
+    let mut scaler = fit.finish().unwrap();
+    if a.has("--no-std") {
+        // experiment: model values log1p + 1 (no per-gene standardisation)
+        scaler = exceiver_core::preprocess::Scaler::new(vec![0.0; ng], vec![1.0; ng]).unwrap();
+    }
     let n_mask = n_mask_for(frac, &nnz);
     let baseline: Vec<f32> = (0..ng)
         .map(|g| {
@@ -466,6 +473,15 @@ fn main() {
         ..TrainOpts::default()
     };
     let mut tr = Trainer::new(cfg.clone(), params, scaler.zero_fill(), opts).unwrap();
+    let head_hidden: usize = a.get("--head", 0);
+    if head_hidden > 0 {
+        let out: usize = a.get("--head-out", 128);
+        tr.set_projection_head(Some(
+            exceiver_core::train::ProjectionHead::new(cfg.embedding_len(), head_hidden, out, seed)
+                .unwrap(),
+        ))
+        .unwrap();
+    }
 
     let to_train = |c: usize, rng: &mut Rng| -> Option<TrainCell> {
         if kraw[c].genes.len() < n_mask {

@@ -6,7 +6,7 @@
 use exceiver_core::accel::{self, DeviceTrainer};
 use exceiver_core::model::rng::Rng;
 use exceiver_core::model::{AttentionMode, Config, Params};
-use exceiver_core::train::{self, mask_positions, TrainCell, TrainOpts, Trainer};
+use exceiver_core::train::{self, mask_positions, ProjectionHead, TrainCell, TrainOpts, Trainer};
 
 use candle_core::Device;
 use std::collections::HashMap;
@@ -600,4 +600,58 @@ fn contrastive_steps_match_the_cpu_trainer() {
         assert!(cpu.train_step_contrastive(&views[..2], 0.5, 1.0).is_err());
         assert!(cpu.eval_contrastive(&views, 0.0).is_err());
     }
+}
+
+/// With a projection head (NT-Xent of `W2 relu(W1 h)`) both trainers compute the same
+/// losses and updates, training lowers the loss, and a head of the wrong width is refused.
+#[test]
+fn contrastive_steps_with_a_projection_head_match_the_cpu_trainer() {
+    let cfg = Config {
+        value_embedding: true,
+        ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+    };
+    let params = Params::init(&cfg, 7).unwrap();
+    let mut rng = Rng::new(7);
+    let zf: Vec<f32> = (0..cfg.seq_len)
+        .map(|_| rng.uniform_range(-0.6, 0.9) as f32)
+        .collect();
+    let views = random_cells(&cfg, &mut rng, 8);
+    let opts = TrainOpts {
+        lr: 1e-3,
+        warmup_steps: 0,
+        threads: 2,
+        ..TrainOpts::default()
+    };
+    let head = ProjectionHead::new(cfg.embedding_len(), 12, 6, 3).unwrap();
+    let mut cpu = Trainer::new(cfg.clone(), params.clone(), zf.clone(), opts.clone()).unwrap();
+    let mut dev = DeviceTrainer::new(cfg.clone(), params.clone(), zf.clone(), opts, &Device::Cpu)
+        .unwrap()
+        .with_batch_elements(40);
+    let plain = cpu.eval_contrastive(&views, 0.5).unwrap();
+    cpu.set_projection_head(Some(head.clone())).unwrap();
+    dev.set_projection_head(Some(head)).unwrap();
+    let c0 = cpu.eval_contrastive(&views, 0.5).unwrap();
+    let d0 = dev.eval_contrastive(&views, 0.5).unwrap();
+    assert!((c0 - plain).abs() > 1e-6, "the head changes the loss");
+    assert!((c0 - d0).abs() <= 1e-5 * c0, "{d0} vs CPU {c0}");
+    let (a, ac) = cpu.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+    let (b, bc) = dev.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+    assert!((ac - c0).abs() <= 1e-9 * c0 && (ac - bc).abs() <= 1e-5 * ac);
+    assert!((a.loss - b.loss).abs() <= 1e-5 * a.loss);
+    // the second step sees the updated head on both trainers
+    let c1 = cpu.eval_contrastive(&views, 0.5).unwrap();
+    let d1 = dev.eval_contrastive(&views, 0.5).unwrap();
+    assert!(
+        (c1 - d1).abs() <= 1e-2 * c1,
+        "after one step {d1} vs CPU {c1}"
+    );
+    for _ in 0..30 {
+        cpu.train_step_contrastive(&views, 0.5, 2.0).unwrap();
+    }
+    let c31 = cpu.eval_contrastive(&views, 0.5).unwrap();
+    eprintln!("with a head: contrastive loss {c0:.5} -> {c31:.5} after 31 steps");
+    assert!(c31 < 0.9 * c0, "contrastive loss {c0} -> {c31}");
+    let wrong = ProjectionHead::new(cfg.embedding_len() + 1, 12, 6, 3).unwrap();
+    assert!(cpu.set_projection_head(Some(wrong.clone())).is_err());
+    assert!(dev.set_projection_head(Some(wrong)).is_err());
 }

@@ -17,7 +17,7 @@ use super::{compute_err, DEFAULT_BATCH_ELEMENTS};
 use crate::error::{Error, Result};
 use crate::model::config::Config;
 use crate::model::weights::Params;
-use crate::train::{StepStats, TrainCell, TrainOpts};
+use crate::train::{ProjectionHead, StepStats, TrainCell, TrainOpts};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
@@ -46,6 +46,8 @@ pub struct DeviceTrainer {
     /// `[emb_rows, 1]`: 1, and 0 on the mask token's row
     keep: Tensor,
     budget: usize,
+    /// projection head of the contrastive term (on the CPU: a few small matrices)
+    head: Option<ProjectionHead>,
 }
 
 impl std::fmt::Debug for DeviceTrainer {
@@ -151,6 +153,7 @@ impl DeviceTrainer {
             emb,
             keep,
             budget: DEFAULT_BATCH_ELEMENTS,
+            head: None,
         })
     }
 
@@ -176,7 +179,7 @@ impl DeviceTrainer {
         tau: f64,
         weight: f64,
     ) -> Result<(StepStats, f64)> {
-        let (closs, mut g) = self.contrastive_loss(views, tau)?;
+        let (closs, mut g) = self.contrastive_loss(views, tau, true)?;
         g.iter_mut().for_each(|x| *x *= weight as f32);
         let r = self.run(
             views,
@@ -186,18 +189,35 @@ impl DeviceTrainer {
                 emb_grad: Some(&g),
             },
         )?;
+        let lr = self.opts.lr_at(self.t);
         let mut stats = self.apply(r)?;
+        if let Some(h) = &mut self.head {
+            h.step(lr, weight, &self.opts);
+        }
         stats.loss += weight * closs;
         Ok((stats, closs))
     }
 
     /// See [`crate::train::Trainer::eval_contrastive`].
     pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
-        Ok(self.contrastive_loss(views, tau)?.0)
+        Ok(self.contrastive_loss(views, tau, false)?.0)
     }
 
-    /// NT-Xent of the views' embeddings and its gradient with respect to them.
-    fn contrastive_loss(&self, views: &[TrainCell], tau: f64) -> Result<(f64, Vec<f32>)> {
+    /// See [`crate::train::Trainer::set_projection_head`].
+    pub fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
+        crate::train::check_head(&self.cfg, head.as_ref())?;
+        self.head = head;
+        Ok(())
+    }
+
+    /// NT-Xent of the views' embeddings (through the projection head if any) and,
+    /// with `grad`, its gradient with respect to them.
+    fn contrastive_loss(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        grad: bool,
+    ) -> Result<(f64, Vec<f32>)> {
         crate::train::check_views(views)?;
         let nd = self.cfg.query_len * self.cfg.seq_dim;
         let emb = self
@@ -211,7 +231,7 @@ impl DeviceTrainer {
             )?
             .emb
             .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
-        crate::train::nt_xent(&emb, nd, tau)
+        crate::train::contrastive_of(self.head.as_mut(), &emb, nd, tau, grad)
     }
 
     /// One Adam update from a backward pass's gradients (refused when not finite).
@@ -687,6 +707,14 @@ impl AnyTrainer {
         match self {
             AnyTrainer::Cpu(t) => t.eval_contrastive(views, tau),
             AnyTrainer::Device(t) => t.eval_contrastive(views, tau),
+        }
+    }
+
+    /// See [`crate::train::Trainer::set_projection_head`].
+    pub fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
+        match self {
+            AnyTrainer::Cpu(t) => t.set_projection_head(head),
+            AnyTrainer::Device(t) => t.set_projection_head(head),
         }
     }
 

@@ -23,6 +23,8 @@
 //! summed in thread order. Worker threads run only this crate's arithmetic.
 
 pub mod grad;
+mod head;
+pub use head::ProjectionHead;
 pub mod kernels;
 pub mod ops;
 
@@ -200,6 +202,7 @@ pub struct Trainer {
     opts: TrainOpts,
     adam: Adam,
     states: Vec<ThreadState>,
+    head: Option<ProjectionHead>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -262,7 +265,16 @@ impl Trainer {
             opts,
             adam,
             states,
+            head: None,
         })
+    }
+
+    /// Use a projection head between the embedding and NT-Xent in the contrastive
+    /// steps (None: NT-Xent of the embeddings themselves).
+    pub fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
+        check_head(&self.cfg, head.as_ref())?;
+        self.head = head;
+        Ok(())
     }
 
     /// Forward, loss, backward and one Adam update on a batch. On error (bad cell,
@@ -295,7 +307,7 @@ impl Trainer {
         tau: f64,
         weight: f64,
     ) -> Result<(StepStats, f64)> {
-        let (closs, mut cgrad) = self.contrastive_loss(views, tau)?;
+        let (closs, mut cgrad) = self.contrastive_loss(views, tau, true)?;
         cgrad.iter_mut().for_each(|g| *g *= weight as f32);
         let mut stats = grad::run_batch(
             &self.cfg,
@@ -307,7 +319,11 @@ impl Trainer {
             None,
             Some(&cgrad),
         )?;
+        let lr = self.opts.lr_at(self.adam.t);
         self.apply_grads()?;
+        if let Some(h) = &mut self.head {
+            h.step(lr, weight, &self.opts);
+        }
         stats.loss += weight * closs;
         Ok((stats, closs))
     }
@@ -315,12 +331,18 @@ impl Trainer {
     /// The NT-Xent loss of `views` (pairs, as in [`Trainer::train_step_contrastive`])
     /// under the current weights (no update).
     pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
-        Ok(self.contrastive_loss(views, tau)?.0)
+        Ok(self.contrastive_loss(views, tau, false)?.0)
     }
 
-    /// NT-Xent of the views' embeddings (one forward pass, no weight gradients) and
-    /// its gradient with respect to those embeddings.
-    fn contrastive_loss(&mut self, views: &[TrainCell], tau: f64) -> Result<(f64, Vec<f32>)> {
+    /// NT-Xent of the views' embeddings (one forward pass, no weight gradients),
+    /// through the projection head if any, and with `grad` its gradient with respect
+    /// to those embeddings (empty without).
+    fn contrastive_loss(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        grad: bool,
+    ) -> Result<(f64, Vec<f32>)> {
         check_views(views)?;
         let nd = self.cfg.query_len * self.cfg.seq_dim;
         let mut emb = vec![0.0f32; views.len() * nd];
@@ -334,7 +356,7 @@ impl Trainer {
             Some(&mut emb),
             None,
         )?;
-        nt_xent(&emb, nd, tau)
+        contrastive_of(self.head.as_mut(), &emb, nd, tau, grad)
     }
 
     /// One Adam update from the gradients in `states[0]`, refused (weights
@@ -427,6 +449,36 @@ pub fn loss_and_grads(
     let stats = grad::run_batch(cfg, params, zero_fill, cells, &mut states, true, None, None)?;
     let grads = std::mem::replace(&mut states[0].acc.grads, Params::zeros(cfg));
     Ok((stats, grads))
+}
+
+/// NT-Xent of embeddings `emb` (rows of `nd`), through `head` when given; the
+/// gradient with respect to `emb` only when `grad` (the head then keeps its own).
+pub(crate) fn contrastive_of(
+    head: Option<&mut ProjectionHead>,
+    emb: &[f32],
+    nd: usize,
+    tau: f64,
+    grad: bool,
+) -> Result<(f64, Vec<f32>)> {
+    match head {
+        Some(h) if grad => h.loss_grad(emb, nd, tau),
+        Some(h) => Ok((h.loss(emb, nd, tau)?, Vec::new())),
+        None => nt_xent(emb, nd, tau),
+    }
+}
+
+/// A projection head must take the model's embedding.
+pub(crate) fn check_head(cfg: &Config, head: Option<&ProjectionHead>) -> Result<()> {
+    if let Some(h) = head {
+        if h.dims().0 != cfg.embedding_len() {
+            return Err(Error::invalid(format!(
+                "the projection head takes {}-float embeddings but the model's are {} floats",
+                h.dims().0,
+                cfg.embedding_len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A contrastive batch: two views per cell, so an even number, and at least two cells.

@@ -1,0 +1,204 @@
+//! The projection head of the contrastive term (SimCLR, Chen et al. 2020, §4.2):
+//! `z = W2 · relu(W1 · h + b1) + b2` maps a cell embedding `h` to the space where
+//! NT-Xent compares views. It exists only during training (the model's embedding stays
+//! `h`): the loss can make `z` invariant to the views while `h` keeps what the head
+//! discards, which nearest-neighbour search over `h` needs.
+
+use super::ops::{lin_bwd, lin_fwd};
+use super::{nt_xent, TrainOpts};
+use crate::error::{Error, Result};
+use crate::model::rng::Rng;
+
+/// A two-layer MLP head with its own Adam state (same settings as the model's).
+#[derive(Debug, Clone)]
+pub struct ProjectionHead {
+    dim_in: usize,
+    hidden: usize,
+    out: usize,
+    /// W1 `[hidden, dim_in]`, b1, W2 `[out, hidden]`, b2, flat.
+    p: Vec<f32>,
+    /// Gradients of the last [`ProjectionHead::loss_grad`], same layout.
+    g: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    t: u64,
+}
+
+impl ProjectionHead {
+    /// A head for `dim_in`-float embeddings, `torch.nn.Linear`'s initialisation
+    /// (uniform ±1/√fan_in) from `seed`.
+    pub fn new(dim_in: usize, hidden: usize, out: usize, seed: u64) -> Result<ProjectionHead> {
+        if dim_in == 0 || hidden == 0 || out == 0 || hidden > 65536 || out > 65536 {
+            return Err(Error::invalid(format!(
+                "a projection head needs positive sizes up to 65536 (got {dim_in} → {hidden} → {out})"
+            )));
+        }
+        let n = hidden * dim_in + hidden + out * hidden + out;
+        let mut rng = Rng::new(seed ^ 0x4ead_4ead);
+        let mut p = Vec::with_capacity(n);
+        let b1 = 1.0 / (dim_in as f64).sqrt();
+        for _ in 0..hidden * dim_in + hidden {
+            p.push(rng.uniform_range(-b1, b1) as f32);
+        }
+        let b2 = 1.0 / (hidden as f64).sqrt();
+        for _ in 0..out * hidden + out {
+            p.push(rng.uniform_range(-b2, b2) as f32);
+        }
+        Ok(ProjectionHead {
+            dim_in,
+            hidden,
+            out,
+            g: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            p,
+            t: 0,
+        })
+    }
+
+    /// (input, hidden, output) widths.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.dim_in, self.hidden, self.out)
+    }
+
+    fn offsets(&self) -> (usize, usize, usize, usize) {
+        let w1 = 0;
+        let b1 = self.hidden * self.dim_in;
+        let w2 = b1 + self.hidden;
+        let b2 = w2 + self.out * self.hidden;
+        (w1, b1, w2, b2)
+    }
+
+    fn check(&self, emb: &[f32], dim: usize) -> Result<usize> {
+        if dim != self.dim_in || emb.len() % dim != 0 {
+            return Err(Error::shape(format!(
+                "the projection head takes {}-float embeddings, got {} values of width {dim}",
+                self.dim_in,
+                emb.len()
+            )));
+        }
+        Ok(emb.len() / dim)
+    }
+
+    /// Hidden pre-activations and outputs of the rows of `emb`.
+    fn forward(&self, emb: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (w1, b1, w2, b2) = self.offsets();
+        let mut pre = vec![0.0f32; rows * self.hidden];
+        lin_fwd(
+            &self.p[w1..b1],
+            &self.p[b1..w2],
+            emb,
+            self.dim_in,
+            self.hidden,
+            &mut pre,
+        );
+        let act: Vec<f32> = pre.iter().map(|&x| x.max(0.0)).collect();
+        let mut z = vec![0.0f32; rows * self.out];
+        lin_fwd(
+            &self.p[w2..b2],
+            &self.p[b2..],
+            &act,
+            self.hidden,
+            self.out,
+            &mut z,
+        );
+        (pre, act, z)
+    }
+
+    /// NT-Xent ([`nt_xent`]) of the projected embeddings, without gradients.
+    pub fn loss(&self, emb: &[f32], dim: usize, tau: f64) -> Result<f64> {
+        let rows = self.check(emb, dim)?;
+        let (_, _, z) = self.forward(emb, rows);
+        Ok(nt_xent(&z, self.out, tau)?.0)
+    }
+
+    /// NT-Xent of the projected embeddings and its gradient with respect to `emb`;
+    /// the head's own gradients are kept for [`ProjectionHead::step`].
+    pub fn loss_grad(&mut self, emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
+        let rows = self.check(emb, dim)?;
+        let (pre, act, z) = self.forward(emb, rows);
+        let (loss, dz) = nt_xent(&z, self.out, tau)?;
+        let (w1, b1, w2, b2) = self.offsets();
+        let (h, o, d) = (self.hidden, self.out, self.dim_in);
+        self.g.iter_mut().for_each(|x| *x = 0.0);
+        let mut dact = vec![0.0f32; rows * h];
+        {
+            let (g1, g2) = self.g.split_at_mut(w2);
+            let (gw2, gb2) = g2.split_at_mut(b2 - w2);
+            lin_bwd(&self.p[w2..b2], &act, &dz, h, o, Some(&mut dact), gw2, gb2);
+            for (da, &x) in dact.iter_mut().zip(&pre) {
+                if x <= 0.0 {
+                    *da = 0.0;
+                }
+            }
+            let (gw1, gb1) = g1.split_at_mut(b1);
+            let mut demb = vec![0.0f32; emb.len()];
+            lin_bwd(&self.p[w1..b1], emb, &dact, d, h, Some(&mut demb), gw1, gb1);
+            Ok((loss, demb))
+        }
+    }
+
+    /// One Adam update (the model's `betas`, `eps` and coupled weight decay) at `lr`
+    /// from the gradients of the last [`ProjectionHead::loss_grad`], scaled by `weight`
+    /// (the contrastive term's weight in the loss).
+    pub fn step(&mut self, lr: f64, weight: f64, opts: &TrainOpts) {
+        self.t += 1;
+        let (b1, b2) = opts.betas;
+        let c1 = 1.0 - b1.powi(self.t as i32);
+        let c2 = 1.0 - b2.powi(self.t as i32);
+        let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, opts.weight_decay as f32, opts.eps);
+        for i in 0..self.p.len() {
+            let g = self.g[i] * weight as f32 + wd * self.p[i];
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g;
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g;
+            let mh = self.m[i] as f64 / c1;
+            let vh = self.v[i] as f64 / c2;
+            self.p[i] -= (lr * mh / (vh.sqrt() + eps)) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_gradient_matches_finite_differences() {
+        let (dim, rows) = (6, 8);
+        let mut rng = Rng::new(3);
+        let emb: Vec<f32> = (0..rows * dim).map(|_| rng.normal() as f32).collect();
+        let mut head = ProjectionHead::new(dim, 5, 4, 1).unwrap();
+        let (loss, grad) = head.loss_grad(&emb, dim, 0.5).unwrap();
+        assert!((loss - head.loss(&emb, dim, 0.5).unwrap()).abs() < 1e-9);
+        let h = 1e-3;
+        for k in 0..emb.len() {
+            let mut e = emb.clone();
+            e[k] += h;
+            let up = head.loss(&e, dim, 0.5).unwrap();
+            e[k] -= 2.0 * h;
+            let dn = head.loss(&e, dim, 0.5).unwrap();
+            let fd = (up - dn) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[k] as f64).abs() < 2e-3,
+                "emb {k}: finite difference {fd}, gradient {}",
+                grad[k]
+            );
+        }
+        // the head's own gradients: check through a parameter step of W2[0][0]
+        let g0 = head.g[head.offsets().2];
+        let mut moved = head.clone();
+        moved.p[head.offsets().2] += h;
+        let up = moved.loss(&emb, dim, 0.5).unwrap();
+        moved.p[head.offsets().2] -= 2.0 * h;
+        let dn = moved.loss(&emb, dim, 0.5).unwrap();
+        assert!((((up - dn) / (2.0 * h as f64)) - g0 as f64).abs() < 2e-3);
+        // a step lowers the loss, and a wrong width is an error
+        for _ in 0..20 {
+            head.loss_grad(&emb, dim, 0.5).unwrap();
+            head.step(1e-2, 1.0, &TrainOpts::default());
+        }
+        assert!(head.loss(&emb, dim, 0.5).unwrap() < loss);
+        assert!(head.loss(&emb[..rows * 5], 5, 0.5).is_err());
+        assert!(ProjectionHead::new(0, 5, 4, 1).is_err());
+    }
+}
