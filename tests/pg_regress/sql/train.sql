@@ -18,8 +18,13 @@ FROM exceiver.models WHERE name = 'tiny';
 SELECT config->>'attention' AS attention, config->>'value_embedding' AS value_embedding FROM exceiver.models WHERE name = 'tiny';
 -- ... and the contrastive term: recorded in the options, its losses in every epoch's history
 SELECT metrics->'options'->>'contrastive' AS contrastive, metrics->'options'->>'contrastive_keep' AS keep,
+       metrics->'options'->>'contrastive_head' AS head,
        (SELECT bool_and(h ? 'train_contrastive' AND h ? 'val_contrastive')
         FROM jsonb_array_elements(history) h) AS history_has_contrastive
+FROM exceiver.model_catalog WHERE name = 'tiny';
+-- ... and unstandardised values (model value = log1p + 1: every gene's mean 0 and scale 1)
+SELECT metrics->'options'->>'standardize' AS standardize,
+       (SELECT bool_and(m = 0) FROM unnest(scaler_mean) m) AND (SELECT bool_and(s = 1) FROM unnest(scaler_std) s) AS identity_scaler
 FROM exceiver.model_catalog WHERE name = 'tiny';
 -- reproducible: the same options, seed and exceiver.threads give the same weights, byte for byte
 SET client_min_messages = warning;
@@ -39,9 +44,12 @@ SELECT exceiver.drop_model('tiny_capped');
 -- n_top_genes keeps only the most variable genes of the training cells in the vocabulary
 SET client_min_messages = warning;
 SELECT model FROM exceiver.train('tiny_hvg', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
-                                              "dim_feedforward": 32, "epochs": 0, "n_top_genes": 500}');
+                                              "dim_feedforward": 32, "epochs": 0, "n_top_genes": 500, "standardize": true}');
 RESET client_min_messages;
 SELECT n_genes FROM exceiver.models WHERE name = 'tiny_hvg';
+-- standardize: the per-gene mean and std of log1p fitted on the training cells (the published preprocessing)
+SELECT metrics->'options'->>'standardize' AS standardize, (SELECT count(*) FROM unnest(scaler_std) s WHERE s <> 1) > 400 AS fitted_scales
+FROM exceiver.model_catalog WHERE name = 'tiny_hvg';
 SELECT exceiver.drop_model('tiny_hvg');
 -- the trained model embeds cells of another dataset
 SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny', genes, counts))) AS dims
@@ -70,6 +78,8 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"standardize": "yes"}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "standardize": true}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"n_top_genes": -1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "n_top_genes": 100}');
@@ -77,6 +87,7 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": -1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
 SELECT * FROM exceiver.train('x', 'no_such_table');
@@ -87,6 +98,7 @@ SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"standardize": false}');
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"contrastive": 1}');
 UPDATE kang_small SET stim = 'CTRL';
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
