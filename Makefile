@@ -5,7 +5,8 @@
 #   make db-reset  drop the database and create it afresh (after upgrading exceiver)
 #   make db-stop   stop it
 #   make psql      a psql session in it
-#   make demo      the end-to-end demo on the real data in data/
+#   make demo      the end-to-end demo on the real data in data/ (outputs in out/demo/)
+#   make demo-publish  copy out/demo/ to results/ (the copies the README links)
 #   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
 #   make bench     the embedding benchmark (see README)
 #   make cuda      the cuda variant (GPU benchmark and extension library) into target/cuda,
@@ -23,9 +24,10 @@ PGDATA    := $(CURDIR)/.pgdata
 TESTDATA  := $(CURDIR)/.pgtest
 RUNAS     := sudo -u $(PGUSER)
 PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
+DEMO_OUT  ?= out/demo
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo test test-core test-pg test-regress bench cuda fmt check-access
+.PHONY: setup install db db-reset db-stop psql demo demo-publish test test-core test-pg test-regress bench cuda fmt check-access
 
 setup:
 	bash scripts/setup.sh
@@ -69,9 +71,16 @@ db-stop:
 psql:
 	$(PSQL) -d $(DB)
 
+# The demo's outputs go to $(DEMO_OUT) (ignored by git), written by psql on the client
+# side, so they belong to whoever runs it. `make demo-publish` copies them to results/,
+# the copies the README links, when a change deserves new published figures.
 demo: db check-access
-	mkdir -p results && chmod 777 results
-	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(CURDIR)/results/demo_results.txt -v png=$(CURDIR)/results/pbmc3k_map.png -f scripts/demo.sql
+	mkdir -p $(DEMO_OUT)
+	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(DEMO_OUT)/demo_results.txt -v png=$(DEMO_OUT)/pbmc3k_map.png -f scripts/demo.sql
+
+demo-publish:
+	@test -s $(DEMO_OUT)/demo_results.txt -a -s $(DEMO_OUT)/pbmc3k_map.png || { echo "make demo-publish: run make demo first"; exit 1; }
+	cp $(DEMO_OUT)/demo_results.txt $(DEMO_OUT)/pbmc3k_map.png results/
 
 test-core:
 	cargo test -p exceiver-core
