@@ -8,7 +8,24 @@ use std::ffi::{CStr, CString};
 /// 0 means one per CPU core. Worker threads never call PostgreSQL.
 static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `exceiver.max_memory` (MB): the most memory one piece of work sized by input (a file
+/// read, a training run, a checkpoint import) may plan to take; checked before anything
+/// is allocated. Superuser-only, so that no role can raise its own limit.
+static MAX_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(8192);
+
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"exceiver.max_memory",
+        c"The most memory one exceiver job sized by input may plan to use.",
+        c"File reads, training and checkpoint imports estimate their memory and refuse to start past it (SQLSTATE 54000).",
+        &MAX_MEMORY_MB,
+        64,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
+    // Long parsing loops in the core ask this backend thread for interrupts.
+    exceiver_core::limits::set_interrupt_hook(Some(check_interrupts));
     GucRegistry::define_int_guc(
         c"exceiver.threads",
         c"Worker threads for exceiver's bulk work (0: one per CPU core).",
@@ -33,6 +50,15 @@ pub fn init() {
         );
         pgrx::pg_sys::MarkGUCPrefixReserved(c"exceiver".as_ptr());
     }
+}
+
+fn check_interrupts() {
+    pgrx::check_for_interrupts!();
+}
+
+/// Pass `exceiver.max_memory` to the core before work sized by input.
+pub fn apply_limits() {
+    exceiver_core::limits::set_max_bytes(MAX_MEMORY_MB.get().max(1) as u64 * 1024 * 1024);
 }
 
 /// The number of worker threads to use.

@@ -8,6 +8,7 @@
 mod api;
 mod errors;
 mod gucs;
+mod security;
 
 #[allow(non_snake_case)]
 #[pgrx::pg_guard]

@@ -68,7 +68,9 @@ mod tests {
         )
     }
 
-    fn import_published() {
+    /// Import the published checkpoint as `name`. Tests run concurrently in one database
+    /// and a model name being created is locked: each test uses its own name.
+    fn import_published(name: &str) {
         let inp = crate::pg_tests::fixtures::read("inputs.safetensors");
         let f = |v: &[f64]| {
             v.iter()
@@ -77,7 +79,7 @@ mod tests {
                 .join(",")
         };
         Spi::run(&format!(
-            "SELECT * FROM exceiver.import_checkpoint('ts', '{}', {}, '{{{}}}'::real[], '{{{}}}'::real[])",
+            "SELECT * FROM exceiver.import_checkpoint('{name}', '{}', {}, '{{{}}}'::real[], '{{{}}}'::real[])",
             repo("fixtures/checkpoints/pretrained_TS_exceiver.ckpt"),
             gene_names(19067),
             f(&inp["scaler_mean_f32"].f),
@@ -88,7 +90,7 @@ mod tests {
 
     #[pg_test]
     fn import_and_embed_matches_reference() {
-        import_published();
+        import_published("ts");
         let row = Spi::get_two::<String, i64>(
             "SELECT kind, n_genes FROM exceiver.models WHERE name = 'ts'",
         )
@@ -135,8 +137,8 @@ mod tests {
 
     #[pg_test(error = "genes has 2 elements but counts has 1")]
     fn embed_length_mismatch() {
-        import_published();
-        Spi::run("SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1]::real[])").unwrap();
+        import_published("ts_shape");
+        Spi::run("SELECT exceiver.embed('ts_shape', ARRAY['G1','G2'], ARRAY[1]::real[])").unwrap();
     }
 
     #[pg_test(error = "model \"nope\" does not exist")]

@@ -9,6 +9,7 @@ use crate::api::load::quote_ident;
 use crate::api::model::{cell_input_iter, get_model, CellInput};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
+use crate::security::PinnedSearchPath;
 use exceiver_core::accel::DeviceModel;
 use exceiver_core::device::Device;
 use exceiver_core::{Error, Kind};
@@ -17,12 +18,22 @@ use pgrx::spi::SpiError;
 use pgrx::{PgMemoryContexts, PgSqlErrorCode};
 use std::time::Instant;
 
-/// The quoted name of a relation given as text (schema-qualified or not).
+/// A relation given as text (schema-qualified or not), resolved with the caller's
+/// search_path as a table name in SQL would be, returned fully qualified and quoted
+/// (`"public"."cells"`), so that it means the same under [`crate::security::pinned`].
+/// Call it before pinning the search path.
 pub(crate) fn relation_name(source: &str) -> String {
     Spi::connect(|c| {
-        c.select("SELECT $1::regclass::text", Some(1), &[source.into()])?
-            .first()
-            .get::<String>(1)
+        c.select(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) \
+             FROM pg_catalog.pg_class c, pg_catalog.pg_namespace n \
+             WHERE c.oid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass \
+               AND n.oid OPERATOR(pg_catalog.=) c.relnamespace",
+            Some(1),
+            &[source.into()],
+        )?
+        .first()
+        .get::<String>(1)
     })
     .or_raise()
     .unwrap_or_else(|| {
@@ -49,12 +60,16 @@ pub(crate) fn vector_schema() -> String {
     .unwrap_or_else(|| raise(Error::new(Kind::UndefinedObject, "type \"vector\" does not exist").with_hint("CREATE EXTENSION vector;")))
 }
 
-/// The type of `column` in `rel` (`format_type` form, e.g. `vector(512)`), if it exists.
+/// The type of `column` in `rel` (`format_type` form, e.g. `text[]`; pgvector's types
+/// without their schema, e.g. `vector(512)`, wherever pgvector lives), if it exists.
 pub(crate) fn column_type(rel: &str, column: &str) -> Option<String> {
     Spi::connect(|c| {
         c.select(
-            "SELECT (SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-             WHERE attrelid = $1::regclass AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+            "SELECT (SELECT CASE WHEN t.typname IN ('vector', 'halfvec', 'sparsevec') AND t.typtype = 'b' \
+                                 THEN t.typname::text || CASE WHEN a.atttypmod >= 0 THEN '(' || a.atttypmod || ')' ELSE '' END \
+                                 ELSE format_type(a.atttypid, a.atttypmod) END \
+                     FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                     WHERE a.attrelid = $1::regclass AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped)",
             Some(1),
             &[rel.into(), column.into()],
         )?
@@ -122,6 +137,7 @@ fn embed_table(
         d => Some(DeviceModel::from_exceiver(&m.model, &d.open().or_raise()).or_raise()),
     };
     let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let col = quote_ident(target_column);
     match column_type(&rel, target_column) {
@@ -145,16 +161,20 @@ fn embed_table(
     .or_raise()
     .unwrap_or(0);
     let threads = gucs::threads();
-    let query = format!("SELECT ctid::text, genes, counts::real[] FROM {rel}");
+    // Each row is locked as the cursor reads it (FOR NO KEY UPDATE): a row that another
+    // session updated meanwhile is read in its newest version, so its ctid names exactly
+    // the row version this function then writes, and no concurrent update can move it
+    // in between. Every write is counted from what UPDATE reports.
+    let query = format!("SELECT ctid::text, genes, counts::real[] FROM {rel} FOR NO KEY UPDATE");
     let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid");
     let start = Instant::now();
-    let (mut done, mut skipped) = (0i64, 0i64);
+    let (mut done, mut skipped, mut written) = (0i64, 0i64, 0i64);
     let mut next_report = total / 10;
     // One SPI connection for the whole scan (a cursor does not outlive it); the update
     // arguments of each batch live in a memory context reset after the batch.
     let mut batch_mem = PgMemoryContexts::new("exceiver embed_table batch");
     Spi::connect_mut(|client| {
-        let mut cur = client.try_open_cursor(query.as_str(), &[])?;
+        let mut cur = client.try_open_cursor_mut(query.as_str(), &[])?;
         let stmt = client.prepare_mut(update.as_str(), &[pg_sys::TEXTOID.into(), pg_sys::FLOAT4ARRAYOID.into()])?;
         loop {
             // Read one batch as owned copies; the tuple table is freed at once.
@@ -202,7 +222,7 @@ fn embed_table(
                 batch_mem.switch_to(|_| {
                     for (j, (k, _)) in inputs.iter().enumerate() {
                         let v = embs[j * dim..(j + 1) * dim].to_vec();
-                        client.update(&stmt, None, &[rows[*k].0.as_str().into(), v.into()])?;
+                        written += client.update(&stmt, None, &[rows[*k].0.as_str().into(), v.into()])?.len() as i64;
                     }
                     Ok::<_, SpiError>(())
                 })?;
@@ -227,11 +247,12 @@ fn embed_table(
     if skipped > 0 {
         notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
     }
+    if written != done - skipped {
+        raise(Error::internal(format!(
+            "embed_table wrote {written} rows but embedded {} cells",
+            done - skipped
+        )));
+    }
     let s = start.elapsed().as_secs_f64();
-    TableIterator::once((
-        done - skipped,
-        skipped,
-        s,
-        (done - skipped) as f64 / s.max(1e-9),
-    ))
+    TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
 }

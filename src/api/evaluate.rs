@@ -8,9 +8,13 @@ extension_sql!(
 CREATE FUNCTION evaluate_embeddings(source regclass, embedding_column text, label_column text, k integer DEFAULT 15)
 RETURNS TABLE(cells bigint, classes integer, neighbours integer, accuracy double precision, macro_f1 double precision)
 LANGUAGE plpgsql VOLATILE
-SET search_path FROM CURRENT
+-- immune to the caller's search_path; pgvector's type and operator are named with
+-- their schema, found from the catalog
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+  vs text := (SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+              WHERE t.typname = 'vector' AND t.typtype = 'b' ORDER BY n.oid LIMIT 1);
   emb_type text;
   n_skipped bigint;
   n_classes integer;
@@ -18,13 +22,14 @@ BEGIN
   IF k IS NULL OR k < 1 THEN
     RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('k must be at least 1, not %s', k);
   END IF;
-  SELECT format_type(atttypid, atttypmod) INTO emb_type FROM pg_attribute
-   WHERE attrelid = source AND attname = embedding_column AND attnum > 0 AND NOT attisdropped;
+  SELECT t.typname INTO emb_type FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+   WHERE a.attrelid = source AND a.attname = embedding_column AND a.attnum > 0 AND NOT a.attisdropped;
   IF emb_type IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = '42703', MESSAGE = format('column "%s" of %s does not exist', embedding_column, source);
   END IF;
-  IF emb_type NOT LIKE 'vector%' THEN
-    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = format('column "%s" of %s is %s, not a pgvector vector', embedding_column, source, emb_type);
+  IF emb_type <> 'vector' THEN
+    RAISE EXCEPTION USING ERRCODE = '42804', MESSAGE = format('column "%s" of %s is %s, not a pgvector vector', embedding_column, source,
+      (SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = source AND attname = embedding_column));
   END IF;
   PERFORM 1 FROM pg_attribute WHERE attrelid = source AND attname = label_column AND attnum > 0 AND NOT attisdropped;
   IF NOT FOUND THEN
@@ -45,7 +50,7 @@ BEGIN
   IF to_regclass('pg_temp.exceiver_eval') IS NOT NULL THEN
     DROP TABLE pg_temp.exceiver_eval;
   END IF;
-  CREATE TEMP TABLE exceiver_eval (id bigint, e vector, y text);
+  EXECUTE format('CREATE TEMP TABLE exceiver_eval (id bigint, e %I.vector, y text)', vs);
   ALTER TABLE pg_temp.exceiver_eval ALTER COLUMN e SET STORAGE PLAIN;
   EXECUTE format('INSERT INTO pg_temp.exceiver_eval SELECT row_number() OVER (), %1$I, %2$I::text FROM %3$s
                   WHERE %1$I IS NOT NULL AND %2$I IS NOT NULL', embedding_column, label_column, source);
@@ -57,7 +62,7 @@ BEGIN
       SELECT c.y,
              (SELECT mode() WITHIN GROUP (ORDER BY nn.y)
                 FROM (SELECT o.y FROM pg_temp.exceiver_eval o WHERE o.id <> c.id
-                       ORDER BY o.e <=> c.e LIMIT %1$s) nn) AS yhat
+                       ORDER BY o.e OPERATOR(%2$I.<=>) c.e LIMIT %1$s) nn) AS yhat
         FROM pg_temp.exceiver_eval c),
     per AS (
       SELECT l.lbl,
@@ -68,7 +73,7 @@ BEGIN
     SELECT (SELECT count(*) FROM pred), (SELECT count(*)::int FROM per), %1$s,
            (SELECT avg((y = yhat)::int)::float8 FROM pred),
            (SELECT avg(CASE WHEN 2 * tp + fp + fn = 0 THEN 0 ELSE 2.0 * tp / (2 * tp + fp + fn) END)::float8 FROM per)
-  $q$, k);
+  $q$, k, vs);
   DROP TABLE pg_temp.exceiver_eval;
 END
 $fn$;

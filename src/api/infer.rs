@@ -152,6 +152,9 @@ $do$;
     requires = [gene_embedding_arrays]
 );
 
+/// The largest `top_k` of `encoder_attention` (a cell has fewer genes than this anyway).
+const MAX_TOP_K: i32 = 1_000_000;
+
 /// The encoder's attention over a cell's genes: for each latent, its `top_k` genes by
 /// head-averaged attention weight, and the latent's total weight on the cell's
 /// expressed genes (in the reference mode the rest goes to zero-count genes).
@@ -171,9 +174,9 @@ fn encoder_attention(
         name!(expressed_mass, f32),
     ),
 > {
-    if top_k < 1 {
+    if !(1..=MAX_TOP_K).contains(&top_k) {
         raise(Error::invalid(format!(
-            "top_k must be at least 1, not {top_k}"
+            "top_k must be between 1 and {MAX_TOP_K}, not {top_k}"
         )));
     }
     let m = get_model(model);
@@ -186,14 +189,16 @@ fn encoder_attention(
     for (g, &i) in &m.vocab {
         names[i as usize] = g.clone();
     }
-    let mut rows = Vec::with_capacity(a.n_latents * top_k as usize);
+    // never more rows than the cell has genes, whatever top_k asks
+    let top_k = (top_k as usize).min(a.n_entries);
+    let mut rows = Vec::with_capacity(a.n_latents * top_k);
     let mut order: Vec<usize> = Vec::with_capacity(a.n_entries);
     for i in 0..a.n_latents {
         let w = &a.weights[i * a.n_entries..(i + 1) * a.n_entries];
         order.clear();
         order.extend(0..a.n_entries);
         order.sort_by(|&x, &y| w[y].total_cmp(&w[x]).then(x.cmp(&y)));
-        for (r, &e) in order.iter().take(top_k as usize).enumerate() {
+        for (r, &e) in order.iter().take(top_k).enumerate() {
             rows.push((
                 i as i32,
                 r as i32 + 1,

@@ -7,6 +7,7 @@
 //! within a cell, and only non-zero counts are stored.
 
 use crate::errors::{raise_code, OrRaise};
+use crate::security::{check_server_files, pinned, FileAccess};
 use exceiver_core::data::{h5ad, tenx, CellMatrix, ObsValues};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
@@ -19,45 +20,58 @@ const INSERT_BATCH: usize = 512;
 /// Names a label column may not take, because the cell table already uses them.
 const RESERVED: [&str; 3] = ["cell_id", "genes", "counts"];
 
-/// Reading server files is a privileged act, as for `COPY FROM` a file.
+/// Reading server files is a privileged act, checked as `COPY FROM` a file checks it.
 pub(crate) fn check_file_access() {
-    check_server_files("read", "");
-}
-
-/// Superusers and members of `pg_read_server_files` / `pg_write_server_files` only
-/// (`what`: "read" or "write"; `more`: appended to the hint).
-pub(crate) fn check_server_files(what: &str, more: &str) {
-    let ok = Spi::get_one_with_args::<bool>(
-        "SELECT (SELECT rolsuper FROM pg_roles WHERE oid = current_user::regrole) \
-         OR pg_has_role(current_user, 'pg_' || $1 || '_server_files', 'MEMBER')",
-        &[what.into()],
-    )
-    .or_raise()
-    .unwrap_or(false);
-    if !ok {
-        let verb = if what == "read" { "load" } else { "write" };
-        raise_code(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("permission denied to {what} server files"),
-            Some(&format!(
-                "Only superusers and members of pg_{what}_server_files may {verb} files on the server{more}."
-            )),
-        );
-    }
+    check_server_files(FileAccess::Read, "");
 }
 
 pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// A possibly schema-qualified table name, quoted part by part.
+/// A new table's name (schema-qualified or not), placed as `CREATE TABLE` places it
+/// under the caller's search_path (its current schema), fully qualified and quoted, so
+/// that it means the same under [`pinned`]. Call it before pinning the search path.
 pub(crate) fn qualified_name(name: &str) -> String {
+    // Only schema-qualified functions and no operators: the caller's path is in force.
+    let (parts, schema) = Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT pg_catalog.parse_ident($1), pg_catalog.current_schema()::pg_catalog.text",
+                Some(1),
+                &[name.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>((t.get::<Vec<String>>(1)?, t.get::<String>(2)?))
+    })
+    .or_raise();
+    let parts = parts.unwrap_or_default();
+    let (schema, table) = match parts.as_slice() {
+        [table] => match schema {
+            Some(s) => (s, table.clone()),
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_INVALID_SCHEMA_NAME,
+                format!("no schema has been selected to create table \"{table}\" in"),
+                Some("Qualify the table name with a schema, or set search_path."),
+            ),
+        },
+        [s, table] => (s.clone(), table.clone()),
+        _ => raise_code(
+            PgSqlErrorCode::ERRCODE_INVALID_NAME,
+            format!(
+                "table name \"{name}\" has {} parts; give table or schema.table",
+                parts.len()
+            ),
+            None,
+        ),
+    };
+    // format's %I quotes only where SQL needs it (public.pbmc3k, "My Schema".x)
     Spi::get_one_with_args::<String>(
-        "SELECT string_agg(quote_ident(p), '.') FROM unnest(parse_ident($1)) p",
-        &[name.into()],
+        "SELECT pg_catalog.format('%I.%I', $1, $2)",
+        &[schema.into(), table.into()],
     )
     .or_raise()
-    .unwrap_or_else(|| quote_ident(name))
+    .unwrap_or_default()
 }
 
 fn label_columns(m: &CellMatrix) -> Vec<String> {
@@ -75,9 +89,8 @@ fn label_columns(m: &CellMatrix) -> Vec<String> {
     names
 }
 
-/// Write `m` into a new table `table`; returns the quoted table name.
-fn write_table(m: &CellMatrix, table: &str) -> String {
-    let qname = qualified_name(table);
+/// Write `m` into a new table `qname` (from [`qualified_name`]).
+fn write_table(m: &CellMatrix, qname: &str) {
     let labels = label_columns(m);
     let mut ddl = format!("CREATE TABLE {qname} (cell_id text PRIMARY KEY, genes text[] NOT NULL, counts real[] NOT NULL");
     for (c, name) in m.obs.iter().zip(&labels) {
@@ -146,7 +159,6 @@ fn write_table(m: &CellMatrix, table: &str) -> String {
         check_for_interrupts!();
         start = end;
     }
-    qname
 }
 
 fn load(
@@ -168,7 +180,8 @@ fn load(
             m.renamed_genes
         );
     }
-    let qname = write_table(&m, table);
+    let qname = qualified_name(table);
+    pinned(|| write_table(&m, &qname));
     TableIterator::once((
         qname,
         m.n_cells() as i64,
@@ -196,6 +209,7 @@ fn load_10x(
     ),
 > {
     check_file_access();
+    crate::gucs::apply_limits();
     let m = tenx::read(Path::new(path)).or_raise();
     load(m, table_name)
 }
@@ -217,6 +231,7 @@ fn load_h5ad(
     ),
 > {
     check_file_access();
+    crate::gucs::apply_limits();
     let m = h5ad::read(Path::new(path)).or_raise();
     load(m, table_name)
 }

@@ -4,9 +4,10 @@
 //! on the server.
 
 use crate::api::bulk::{column_type, relation_name};
-use crate::api::load::{check_server_files, quote_ident};
+use crate::api::load::quote_ident;
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
+use crate::security::{check_server_files, FileAccess, PinnedSearchPath};
 use exceiver_core::layout::{umap_2d_with_progress, MapOptions, Metric, Progress, Stage};
 use exceiver_core::plot::{scatter_png, PlotOptions};
 use exceiver_core::Error;
@@ -87,6 +88,7 @@ fn embedding_map(
 ) -> TableIterator<'static, (name!(cell_id, String), name!(x, f32), name!(y, f32))> {
     let opts = map_options(&options.0);
     let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
     require_column(&rel, "cell_id");
     let t = require_column(&rel, embedding_column);
     if !(t.starts_with("vector") || t == "real[]" || t == "double precision[]") {
@@ -209,6 +211,7 @@ fn map_png(
     height: default!(i32, 900),
 ) -> Vec<u8> {
     let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
     require_column(&rel, x_column);
     require_column(&rel, y_column);
     let label_sql = match label_column {
@@ -263,8 +266,8 @@ fn map_png(
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn save_png(data: &[u8], path: &str) -> i64 {
     check_server_files(
-        "write",
-        "; or fetch the bytes of exceiver.map_png() with a client",
+        FileAccess::Write,
+        "; or fetch the bytes of exceiver.map_png() with a client (psql: \\lo_export of lo_from_bytea(0, ...))",
     );
     if !std::path::Path::new(path).is_absolute() {
         raise(Error::invalid(format!("path \"{path}\" is not absolute")));

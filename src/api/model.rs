@@ -3,11 +3,13 @@
 //! Models live in the extension table `exceiver.model_catalog` (config, gene vocabulary,
 //! scaler, weights as safetensors bytes, labels, lineage), which `pg_dump` includes.
 //! Each backend loads a model once and caches it; the cache entry is replaced when the
-//! stored model's `version` changes (a model dropped and imported again under the same
-//! name gets a new version).
+//! stored row changes (its version, its creating transaction, or the catalog table
+//! itself after the extension was dropped and created again).
 
 use crate::api::load::check_file_access;
 use crate::errors::{raise, raise_code, OrRaise};
+use crate::gucs;
+use crate::security::{pinned, PinnedSearchPath};
 use exceiver_core::model::forward::Exceiver;
 use exceiver_core::model::weights;
 use exceiver_core::model::Config;
@@ -37,16 +39,26 @@ CREATE TABLE model_catalog (
     source      text,
     metrics     jsonb NOT NULL DEFAULT '{}',
     history     jsonb NOT NULL DEFAULT '[]',
-    created     timestamptz NOT NULL DEFAULT now()
+    created     timestamptz NOT NULL DEFAULT now(),
+    owner       name NOT NULL DEFAULT current_user
 );
 COMMENT ON TABLE model_catalog IS 'exceiver models: config, gene vocabulary, scaler, safetensors weights, lineage';
+-- Models are shared for use and owned for change: every role with SELECT may use any
+-- model; a role adds models only as itself and changes or drops only models of roles
+-- whose privileges it has (superusers and the extension's owner bypass this).
+ALTER TABLE model_catalog ENABLE ROW LEVEL SECURITY;
+CREATE POLICY model_use ON model_catalog FOR SELECT USING (true);
+CREATE POLICY model_add ON model_catalog FOR INSERT WITH CHECK (owner = current_user);
+CREATE POLICY model_change ON model_catalog FOR UPDATE
+    USING (pg_catalog.pg_has_role(owner, 'USAGE')) WITH CHECK (pg_catalog.pg_has_role(owner, 'USAGE'));
+CREATE POLICY model_drop ON model_catalog FOR DELETE USING (pg_catalog.pg_has_role(owner, 'USAGE'));
 SELECT pg_catalog.pg_extension_config_dump('model_catalog', '');
 SELECT pg_catalog.pg_extension_config_dump('model_version_seq', '');
 CREATE VIEW models AS
 SELECT name, kind, config, cardinality(genes) AS n_genes,
        (config->>'query_len')::int * (config->>'query_dim')::int AS embedding_dim,
        scaler_mean IS NOT NULL AS has_scaler, labels, parent, source, metrics,
-       octet_length(weights) AS weight_bytes, created
+       octet_length(weights) AS weight_bytes, created, owner
 FROM model_catalog;
 COMMENT ON VIEW models IS 'exceiver models, one row each (weights left out)';
 "#,
@@ -54,9 +66,18 @@ COMMENT ON VIEW models IS 'exceiver models, one row each (weights left out)';
     bootstrap
 );
 
+/// What identifies one stored model row for the cache: the catalog table (a new one
+/// after DROP/CREATE EXTENSION), the row's version and its creating transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    table: u32,
+    version: i64,
+    xmin: i64,
+}
+
 /// One model as this backend holds it.
 pub(crate) struct Loaded {
-    pub version: i64,
+    pub stamp: Stamp,
     pub model: Exceiver,
     pub vocab: HashMap<String, u32>,
     pub scaler: Scaler,
@@ -77,36 +98,43 @@ fn undefined_model(name: &str) -> ! {
     )
 }
 
-/// The model `name`, from the backend cache when its stored version is unchanged.
+/// The model `name`, from the backend cache when its stored row is unchanged.
 pub(crate) fn get_model(name: &str) -> Rc<Loaded> {
     // Read-only SPI: this runs in parallel workers too, where a read-write SPI call
-    // (pgrx's get_one helpers) is refused.
-    let version: Option<i64> = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT (SELECT version FROM exceiver.model_catalog WHERE name = $1)",
-                Some(1),
-                &[name.into()],
-            )?
-            .first()
-            .get(1)
+    // (pgrx's get_one helpers) is refused. Schema-qualified throughout, so the
+    // caller's search_path cannot change what this reads.
+    let row: (Option<i64>, Option<i64>, Option<i64>) = Spi::connect(|client| {
+        let t = client.select(
+            "SELECT tableoid::pg_catalog.int8, version, xmin::pg_catalog.text::pg_catalog.int8 \
+                 FROM exceiver.model_catalog WHERE name OPERATOR(pg_catalog.=) $1",
+            Some(1),
+            &[name.into()],
+        )?;
+        if t.is_empty() {
+            return Ok::<_, pgrx::spi::SpiError>((None, None, None));
+        }
+        let t = t.first();
+        Ok((t.get(1)?, t.get(2)?, t.get(3)?))
     })
     .or_raise();
-    let version = version.unwrap_or_else(|| undefined_model(name));
-    if let Some(m) = CACHE.with(|c| {
-        c.borrow()
-            .get(name)
-            .filter(|m| m.version == version)
-            .cloned()
-    }) {
+    let (Some(table), Some(version), Some(xmin)) = row else {
+        CACHE.with(|c| c.borrow_mut().remove(name));
+        undefined_model(name)
+    };
+    let stamp = Stamp {
+        table: table as u32,
+        version,
+        xmin,
+    };
+    if let Some(m) = CACHE.with(|c| c.borrow().get(name).filter(|m| m.stamp == stamp).cloned()) {
         return m;
     }
-    let loaded = Rc::new(load_model(name, version));
+    let loaded = Rc::new(load_model(name, stamp));
     CACHE.with(|c| c.borrow_mut().insert(name.to_string(), loaded.clone()));
     loaded
 }
 
-fn load_model(name: &str, version: i64) -> Loaded {
+fn load_model(name: &str, stamp: Stamp) -> Loaded {
     type Row = (
         Option<String>,
         Option<Vec<String>>,
@@ -118,10 +146,11 @@ fn load_model(name: &str, version: i64) -> Loaded {
     let row: Row = Spi::connect(|client| {
         let t = client
             .select(
-                "SELECT config::text, genes, scaler_mean, scaler_std, labels, weights \
-                 FROM exceiver.model_catalog WHERE name = $1 AND version = $2",
+                "SELECT config::pg_catalog.text, genes, scaler_mean, scaler_std, labels, weights \
+                 FROM exceiver.model_catalog \
+                 WHERE name OPERATOR(pg_catalog.=) $1 AND version OPERATOR(pg_catalog.=) $2",
                 Some(1),
-                &[name.into(), version.into()],
+                &[name.into(), stamp.version.into()],
             )?
             .first();
         Ok::<_, pgrx::spi::SpiError>((
@@ -153,7 +182,7 @@ fn load_model(name: &str, version: i64) -> Loaded {
         .map(|(i, g)| (g, i as u32))
         .collect();
     Loaded {
-        version,
+        stamp,
         model,
         vocab,
         scaler,
@@ -325,17 +354,37 @@ fn real_array(a: Option<Array<f32>>, what: &str, n: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// Advisory-lock class of model names (the first key of `pg_try_advisory_xact_lock`).
+const NAME_LOCK: i32 = 0x4558_4345; // "EXCE"
+
+/// Claim `name` for a model this transaction will create: refuse an empty name, a name
+/// another session is creating right now (an advisory lock on the name, held until
+/// the transaction ends, so a second `train` of it fails at its start, not its end) and
+/// a name in use. Both refusals are 42710.
 pub(crate) fn check_new_model_name(name: &str) {
     if name.trim().is_empty() {
         raise(Error::invalid("model name must not be empty"));
     }
-    let exists = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM exceiver.model_catalog WHERE name = $1)",
-        &[name.into()],
-    )
-    .or_raise()
-    .unwrap_or(false);
-    if exists {
+    let (locked, exists) = Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT pg_catalog.pg_try_advisory_xact_lock($1, pg_catalog.hashtext($2)), \
+                        EXISTS (SELECT 1 FROM exceiver.model_catalog WHERE name OPERATOR(pg_catalog.=) $2)",
+                Some(1),
+                &[NAME_LOCK.into(), name.into()],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::SpiError>((t.get::<bool>(1)?, t.get::<bool>(2)?))
+    })
+    .or_raise();
+    if locked != Some(true) {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("model \"{name}\" is being created by another session"),
+            Some("Wait for that session to finish, or choose another name."),
+        );
+    }
+    if exists == Some(true) {
         raise_code(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             format!("model \"{name}\" already exists"),
@@ -365,7 +414,9 @@ fn import_checkpoint(
         name!(embedding_dim, i64),
     ),
 > {
+    let _search_path = PinnedSearchPath::new();
     check_file_access();
+    gucs::apply_limits();
     check_new_model_name(name);
     let p = Path::new(path);
     let (cfg, params) = if p.extension().is_some_and(|e| e == "safetensors") {
@@ -440,18 +491,33 @@ fn import_checkpoint(
     ))
 }
 
-/// Remove model `name` from the catalog.
+/// Remove model `name` from the catalog (its owner, a role with its privileges, or a
+/// superuser only).
 #[pg_extern(volatile, parallel_unsafe)]
 fn drop_model(name: &str) -> bool {
-    let n = Spi::get_one_with_args::<i64>(
-        "WITH d AS (DELETE FROM exceiver.model_catalog WHERE name = $1 RETURNING 1) SELECT count(*) FROM d",
-        &[name.into()],
-    )
-    .or_raise()
-    .unwrap_or(0);
-    if n == 0 {
-        undefined_model(name);
-    }
+    let (deleted, owner) = pinned(|| {
+        Spi::connect_mut(|c| {
+            let t = c
+                .update(
+                    "WITH d AS (DELETE FROM exceiver.model_catalog WHERE name = $1 RETURNING 1) \
+                     SELECT (SELECT count(*) FROM d), \
+                            (SELECT owner::text FROM exceiver.model_catalog WHERE name = $1)",
+                    Some(1),
+                    &[name.into()],
+                )?
+                .first();
+            Ok::<_, pgrx::spi::SpiError>((t.get::<i64>(1)?.unwrap_or(0), t.get::<String>(2)?))
+        })
+        .or_raise()
+    });
     CACHE.with(|c| c.borrow_mut().remove(name));
-    true
+    match (deleted, owner) {
+        (0, Some(owner)) => raise_code(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("must be owner of model \"{name}\" (owned by role \"{owner}\") to drop it"),
+            None,
+        ),
+        (0, None) => undefined_model(name),
+        _ => true,
+    }
 }

@@ -12,6 +12,7 @@ use crate::api::bulk::{check_cell_table, column_type, relation_name};
 use crate::api::model::{check_new_model_name, get_model};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
+use crate::security::PinnedSearchPath;
 use exceiver_core::accel::AnyTrainer;
 use exceiver_core::model::rng::Rng;
 use exceiver_core::model::weights::{self, Params};
@@ -513,6 +514,7 @@ pub(crate) fn run_training(
     start: Option<(Config, Params, Vec<String>, Scaler)>,
 ) -> Outcome {
     gucs::device().check_supported().or_raise();
+    gucs::apply_limits();
     let o = &run.opts;
     let rel = &run.rel;
     let is_val = split_sql(o);
@@ -683,10 +685,29 @@ pub(crate) fn run_training(
         })
         .collect();
 
-    // 2. Model and optimiser.
+    // 2. Model and optimiser, refused before anything is allocated when the estimate
+    // is past exceiver.max_memory.
     if run.label_column.is_some() {
         cfg.num_classes = Some(run.labels.len());
     }
+    cfg.validate().or_raise();
+    let head_hidden = if run.label_column.is_none() && o.contrastive.unwrap_or(0.0) > 0.0 {
+        o.contrastive_head
+    } else {
+        0
+    };
+    let max_expressed = nnz.iter().copied().max().unwrap_or(0);
+    exceiver_core::limits::check_bytes(
+        exceiver_core::train::memory_estimate(&cfg, o.batch_size, gucs::threads(), max_expressed, head_hidden),
+        &format!(
+            "training \"{}\" ({} parameters, batch {}, {} threads, up to {max_expressed} genes a cell)",
+            run.model,
+            cfg.approx_parameters(),
+            o.batch_size,
+            gucs::threads()
+        ),
+    )
+    .or_raise();
     let params = match init_params {
         Some(p) => p,
         None => {
@@ -1114,6 +1135,7 @@ fn train(
     apply_preset_defaults(&mut opts);
     check_new_model_name(model);
     let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     check_cell_id(&rel);
     let start = opts.parent.as_ref().map(|p| {
@@ -1209,6 +1231,7 @@ fn finetune(
     }
     check_new_model_name(new_model);
     let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     check_cell_id(&rel);
     if column_type(&rel, label_column).is_none() {

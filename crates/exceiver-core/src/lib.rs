@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod layout;
+pub mod limits;
 pub mod model;
 pub mod plot;
 pub mod preprocess;

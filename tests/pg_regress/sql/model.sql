@@ -45,6 +45,10 @@ FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::rea
 WHERE latent < 2 ORDER BY latent, rank;
 SELECT count(*) FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]);
 SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 0);
+-- a huge top_k is refused before any allocation (it used to abort the backend) ...
+SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 2147483647);
+-- ... and a large valid one returns at most the cell's genes per latent
+SELECT count(*) AS rows, count(DISTINCT latent) AS latents FROM exceiver.encoder_attention('ts', ARRAY['G1','G2'], ARRAY[3,1]::real[], top_k => 1000000);
 
 -- the published classifier (24 tissue classes, names unpublished: class_0..class_23)
 SELECT exceiver.classify('ts_clf', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]) LIKE 'class_%' AS is_label;

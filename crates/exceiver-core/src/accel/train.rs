@@ -322,7 +322,7 @@ impl DeviceTrainer {
                 .map_err(compute_err)?;
             named.insert(name.clone(), (t.dims().to_vec(), v));
         }
-        Params::from_named(&self.cfg, |name| Ok(named.remove(name)))
+        Params::from_named(&self.cfg, |name, _| Ok(named.remove(name)))
     }
 
     fn run(&self, cells: &[TrainCell], backward: bool, extra: Extra) -> Result<BatchResult> {

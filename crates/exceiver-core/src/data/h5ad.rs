@@ -114,6 +114,7 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
                 "X has shape {shape:?} but obs has {n_obs} cells and var has {n_var} genes"
             )));
         }
+        h5::checked_len(&x, 8)?;
         read_dense(&x, barcodes, genes)?
     };
     m.obs = read_obs(&obs, n_obs)?;
@@ -129,6 +130,7 @@ fn read_dense(x: &Dataset, barcodes: Vec<String>, genes: Vec<String>) -> Result<
     let mut start = 0;
     while start < n_obs {
         let end = (start + DENSE_BLOCK_ROWS).min(n_obs);
+        crate::limits::interrupt();
         let block = x
             .read_slice_2d::<f32, _>((start..end, ..))
             .map_err(|e| Error::format(format!("cannot read X rows {start}..{end}: {e}")))?;

@@ -116,7 +116,14 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
         )));
     }
 
-    let cap = entries.min(1 << 28);
+    // Sizes from the header are checked before anything is allocated: the triplets
+    // (12 bytes an entry), then the CSR copy (8 more) and one offset per cell and gene.
+    crate::limits::check_bytes(
+        entries as u128 * 20 + (rows as u128 + cols as u128 + 2) * 8,
+        &format!("a Matrix Market matrix of {rows} × {cols} with {entries} entries"),
+    )?;
+    // Grow with the entries actually read, never from the header's word alone.
+    let cap = entries.min(1 << 16);
     let mut t = Triplets {
         rows,
         cols,
@@ -130,6 +137,9 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
             return Err(Error::format(format!(
                 "file is truncated: {read} of {entries} declared entries read"
             )));
+        }
+        if line_no % 65_536 == 0 {
+            crate::limits::interrupt();
         }
         let s = line.trim();
         if s.is_empty() {
@@ -271,5 +281,26 @@ mod tests {
         // non-integer counts are valid (ambient-corrected data)
         let t = parse("%%MatrixMarket matrix coordinate real general\n3 2 1\n1 1 0.25\n").unwrap();
         assert_eq!(t.val, vec![0.25]);
+    }
+
+    /// A three-line header may not reserve memory: sizes past the budget are refused
+    /// before anything is allocated, and a plausible header grows only with real lines.
+    #[test]
+    fn header_sizes_are_bounded_before_allocation() {
+        let e = parse("%%MatrixMarket matrix coordinate integer general\n4294967295 4294967295 1000000000000\n")
+            .unwrap_err();
+        assert_eq!(e.kind, crate::Kind::Limit, "{e}");
+        assert!(e.message.contains("exceiver.max_memory"), "{e}");
+        let e = parse(
+            "%%MatrixMarket matrix coordinate integer general\n30000 4000000 500000000\n1 1 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, crate::Kind::Limit, "{e}");
+        // within the budget, a lying header is a truncation error, not a big allocation
+        let e = parse(
+            "%%MatrixMarket matrix coordinate integer general\n30000 40000 20000000\n1 1 1\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("truncated: 1 of 20000000"), "{e}");
     }
 }

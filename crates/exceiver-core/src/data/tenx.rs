@@ -59,18 +59,38 @@ fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
 
 fn read_lines(path: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
+    let mut bytes = 0u128;
     for (i, line) in open_text(path)?.lines().enumerate() {
         let line = line.map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::InvalidData {
+                "is not valid UTF-8 (or its compression is corrupt)"
+            } else {
+                "is truncated or corrupt"
+            };
             Error::format(format!(
-                "\"{}\" is truncated or corrupt near line {}: {e}",
+                "\"{}\" {what} near line {}: {e}",
                 path.display(),
                 i + 1
             ))
         })?;
+        if let Some(p) = line.find('\0') {
+            return Err(Error::format(format!(
+                "\"{}\" line {} contains a NUL byte at position {}",
+                path.display(),
+                i + 1,
+                p + 1
+            )));
+        }
+        bytes += line.len() as u128 + 24;
+        if i % 65_536 == 0 {
+            crate::limits::check_bytes(bytes, &format!("reading \"{}\"", path.display()))?;
+            crate::limits::interrupt();
+        }
         if !line.is_empty() {
             out.push(line);
         }
     }
+    crate::limits::check_bytes(bytes, &format!("reading \"{}\"", path.display()))?;
     Ok(out)
 }
 

@@ -139,6 +139,19 @@ impl Config {
         self.query_len * self.query_dim
     }
 
+    /// The number of parameters, to within the small vectors (norms, biases): the gene
+    /// embedding, the latents, and every layer's feed-forward and attention matrices.
+    /// Used to refuse shapes past the memory budget before allocating them.
+    pub fn approx_parameters(&self) -> u128 {
+        let d = self.seq_dim as u128;
+        let ff = self.dim_feedforward as u128;
+        // process layers, the encoder's and the decoder's cross-attention blocks
+        let blocks = self.num_layers as u128 + 2;
+        self.emb_rows() as u128 * d
+            + self.query_len as u128 * d
+            + blocks * (2 * ff * d + 4 * d * d + ff + 8 * d)
+    }
+
     /// Check that the numbers make a model: positive sizes, widths divisible by the
     /// head counts, equal gene and latent widths, sane limits.
     pub fn validate(&self) -> Result<()> {
@@ -212,8 +225,7 @@ impl Config {
             }
         }
         // Parameter count must stay addressable and sane (4 GiB of f32).
-        let total = self.emb_rows() as u128 * d as u128
-            + self.num_layers as u128 * (2 * self.dim_feedforward as u128 * d as u128);
+        let total = self.approx_parameters();
         if total > (1u128 << 30) {
             return Err(Error::new(
                 crate::Kind::Limit,

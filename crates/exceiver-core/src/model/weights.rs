@@ -336,12 +336,14 @@ impl Params {
     /// Tensors not used by the model (the reference's template layer) are ignored.
     pub fn from_named(
         cfg: &Config,
-        mut get: impl FnMut(&str) -> Result<Option<(Vec<usize>, Vec<f32>)>>,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Option<(Vec<usize>, Vec<f32>)>>,
     ) -> Result<Params> {
         cfg.validate()?;
+        // the zeroed parameters plus one tensor being read
+        crate::limits::check_bytes(cfg.approx_parameters() * 8, "the model's weights")?;
         let mut p = Params::zeros(cfg);
         p.visit_mut(cfg, |name, shape, slot| {
-            let (got_shape, data) = get(&name)?.ok_or_else(|| {
+            let (got_shape, data) = get(&name, &shape)?.ok_or_else(|| {
                 Error::format(format!("weights lack tensor \"{name}\" (shape {shape:?})"))
             })?;
             if got_shape != shape {
@@ -518,7 +520,18 @@ fn read_checkpoint(
 ) -> Result<Params> {
     let ctx = format!("checkpoint \"{}\"", path.display());
     catch(&ctx, || {
-        Params::from_named(cfg, |name| {
+        Params::from_named(cfg, |name, want| {
+            // The declared shape is compared with the model's before the tensor is
+            // read: a checkpoint may not make us allocate what its header claims.
+            let Some(info) = pth.tensor_infos().get(name) else {
+                return Ok(None);
+            };
+            let dims = info.layout.dims();
+            if dims != want {
+                return Err(Error::shape(format!(
+                    "tensor \"{name}\" has shape {dims:?}, the model config needs {want:?}"
+                )));
+            }
             let t = match pth.get(name)? {
                 Some(t) => t,
                 None => return Ok(None),
@@ -578,7 +591,7 @@ pub fn load_safetensors_with(bytes: &[u8], cfg: &Config) -> Result<Params> {
 }
 
 fn params_from_safetensors(st: &safetensors::SafeTensors<'_>, cfg: &Config) -> Result<Params> {
-    Params::from_named(cfg, |name| {
+    Params::from_named(cfg, |name, _| {
         let v = match st.tensor(name) {
             Ok(v) => v,
             Err(_) => return Ok(None),

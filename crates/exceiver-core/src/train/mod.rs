@@ -684,6 +684,33 @@ pub fn mask_positions(nnz: usize, n_mask: usize, rng: &mut Rng) -> Result<Vec<us
     Ok(idx)
 }
 
+/// About how many bytes a training run takes, to refuse one that cannot fit before it
+/// allocates anything (`crate::limits::check_bytes`): the weights with their gradient
+/// and Adam's two moments, one gradient accumulator and one cell's activations per
+/// worker thread (`expressed`: the most expressed genes a cell may have), a projection
+/// head of `head_hidden` units with its optimiser state, and a batch of prepared cells.
+/// An estimate within a small factor, not an accounting.
+pub fn memory_estimate(
+    cfg: &Config,
+    batch: usize,
+    threads: usize,
+    expressed: usize,
+    head_hidden: usize,
+) -> u128 {
+    let (d, ff, q) = (
+        cfg.seq_dim as u128,
+        cfg.dim_feedforward as u128,
+        cfg.query_len as u128,
+    );
+    let t = threads.max(1) as u128;
+    let e = expressed as u128;
+    let params = cfg.approx_parameters();
+    let per_cell = e * d * 8 + q * (2 * ff + 16 * d) * (cfg.num_layers as u128 + 2);
+    let head = (q * d * head_hidden as u128 + head_hidden as u128 * 128) * 4;
+    let cells = batch as u128 * 2 * e * 3;
+    4 * (params * (4 + t) + t * per_cell + head + cells)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
