@@ -105,7 +105,7 @@ FROM exceiver.embedding_map('pbmc3k', 'emb') m JOIN pbmc3k p USING (cell_id);
 SELECT lo_from_bytea(0, exceiver.map_png('pbmc_map', 'seurat_annotations',
          'PBMC 3k, embedded by exceiver pretrained on Kang (UMAP)')) AS png_oid \gset
 SELECT length(lo_get(:png_oid)) AS png_bytes;
-\lo_export :png_oid :'png'
+\lo_export :png_oid :png
 SELECT lo_unlink(:png_oid) AS png_large_object_removed;
 INSERT INTO demo_results SELECT 4, 'pbmc3k UMAP map (x/y table pbmc_map), PNG', :'png';
 
