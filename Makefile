@@ -9,6 +9,8 @@
 #   make demo-publish  copy out/demo/ to results/ (the copies the README links)
 #   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
 #   make bench     the embedding benchmark (see README)
+#   make soak      16 concurrent sessions for 4 minutes; results in out/soak/ (not part of test)
+#   make fuzz      every reader of user bytes under libFuzzer; results in out/fuzz/ (not part of test)
 #   make cuda      the cuda variant (GPU benchmark and extension library) into target/cuda,
 #                  built without a GPU from PyPI's CUDA 13 wheels (README, section GPU); not part of test
 
@@ -27,7 +29,7 @@ PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 DEMO_OUT  ?= out/demo
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo demo-publish test test-core test-pg test-regress bench cuda fmt check-access
+.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress bench cuda fmt check-access
 
 setup:
 	bash scripts/setup.sh
@@ -43,6 +45,8 @@ db: install
 	  $(RUNAS) $(PGBIN)/pg_ctl -D $(PGDATA) -l $(PGDATA)/server.log -w \
 	    -o "-p $(PGPORT) -k $(PGHOST) -c listen_addresses=''" start >/dev/null || { \
 	    tail -3 $(PGDATA)/server.log; echo "make db: the server did not start (is port $(PGPORT) taken? make db PGPORT=...)"; exit 1; }; fi
+	@[ "$$($(PSQL) -d postgres -tAc 'SHOW log_line_prefix')" = '%m [%p] %e ' ] || \
+	  $(PSQL) -d postgres -qc "ALTER SYSTEM SET log_line_prefix = '%m [%p] %e '" -c "SELECT pg_reload_conf()" >/dev/null
 	@$(PSQL) -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$(DB)'" | grep -q 1 || \
 	  $(PSQL) -d postgres -qc "CREATE DATABASE $(DB)"
 	@$(PSQL) -d $(DB) -qc "CREATE EXTENSION IF NOT EXISTS exceiver CASCADE"
@@ -105,6 +109,19 @@ test: setup
 
 bench: db check-access
 	EXCEIVER_ROOT=$(CURDIR) $(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -f scripts/bench_embed.sql
+
+# Not part of `make test`: 16 sessions for 4 minutes (SOAK_CLIENTS, SOAK_SECONDS).
+soak: db check-access
+	PGPORT=$(PGPORT) PGHOST=$(PGHOST) bash scripts/soak.sh
+
+# The catalogue of every error the golden tests provoke, with SQLSTATEs (README, Errors).
+errors: db check-access
+	@start=$$(stat -c %s $(PGDATA)/server.log); $(MAKE) --no-print-directory test-regress >/dev/null && \
+	  sleep 1 && python3 scripts/error_catalogue.py $(PGDATA)/server.log $$start tests/pg_regress/expected/*.out
+
+# Not part of `make test`: each fuzz target for FUZZ_SECONDS (120); results in out/fuzz/.
+fuzz: setup
+	bash scripts/fuzz.sh
 
 cuda:
 	bash scripts/build_cuda.sh

@@ -4,7 +4,7 @@
 use std::fmt;
 
 /// What went wrong, in the terms the SQL layer needs to pick a SQLSTATE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// A caller's argument is wrong (SQLSTATE 22023 invalid_parameter_value).
     InvalidParameter,

@@ -7,6 +7,15 @@ use hdf5::types::VarLenUnicode;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The readers run the HDF5 library in a forked child (data::isolated): tests that
+/// write HDF5 files on other threads meanwhile would leave the child a lock with
+/// waiters, so these tests take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("exceiver-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -165,6 +174,7 @@ fn check_small(m: &exceiver_core::data::CellMatrix) {
 
 #[test]
 fn h5ad_every_layout() {
+    let _turn = serial();
     let d = tmp("layouts");
     for (i, (layout, old, gz)) in [
         (XLayout::Csr, false, false),
@@ -186,6 +196,7 @@ fn h5ad_every_layout() {
 
 #[test]
 fn h5ad_errors() {
+    let _turn = serial();
     let d = tmp("h5ad-errors");
     // missing file
     let e = h5ad::read(&d.join("nope.h5ad")).unwrap_err();
@@ -293,6 +304,7 @@ fn write_10x(dir: &Path, v3: bool, mtx: &str) {
 
 #[test]
 fn tenx_folders() {
+    let _turn = serial();
     // Cell Ranger 2: genes.tsv, 4 genes
     let d = tmp("cr2");
     write_10x(&d, false, "%%MatrixMarket matrix coordinate integer general\n%\n4 3 4\n1 1 1\n3 1 2\n2 3 3.5\n4 3 4\n");
@@ -325,6 +337,7 @@ fn tenx_folders() {
 
 #[test]
 fn tenx_errors() {
+    let _turn = serial();
     let d = tmp("cr-missing");
     let e = tenx::read(&d.join("nope")).unwrap_err();
     assert_eq!(e.kind, Kind::FileNotFound, "{e}");
@@ -443,6 +456,7 @@ fn write_10x_h5(path: &Path, v3: bool) {
 
 #[test]
 fn tenx_h5_both_layouts() {
+    let _turn = serial();
     let d = tmp("cr-h5");
     for v3 in [true, false] {
         let p = d.join(format!("m{v3}.h5"));
@@ -456,4 +470,134 @@ fn tenx_h5_both_layouts() {
     let d2 = tmp("cr-h5-folder");
     write_10x_h5(&d2.join("filtered_feature_bc_matrix.h5"), true);
     assert_eq!(tenx::read(&d2).unwrap().n_cells(), 3);
+}
+
+/// Text from files must be valid UTF-8 without NUL: an HDF5 string with a byte that is
+/// not UTF-8, a TSV line with a NUL, a TSV that is not UTF-8; each a file-format error
+/// naming where it is, never an unchecked `&str`.
+#[test]
+fn text_from_files_is_checked() {
+    let _turn = serial();
+    let d = tmp("text");
+    let p = d.join("bad-utf8.h5ad");
+    write_h5ad(&p, XLayout::Csr, false, false);
+    {
+        let f = hdf5::File::open_rw(&p).unwrap();
+        let obs = f.group("obs").unwrap();
+        obs.unlink("_index").unwrap();
+        // SAFETY: from_ascii_unchecked only skips the ASCII check; the bytes are plain bytes.
+        let bad: Vec<hdf5::types::FixedAscii<8>> = [&b"c0"[..], b"c\xff1", b"c2"]
+            .iter()
+            .map(|b| unsafe { hdf5::types::FixedAscii::from_ascii_unchecked(b) })
+            .collect();
+        obs.new_dataset_builder()
+            .with_data(&bad)
+            .create("_index")
+            .unwrap();
+    }
+    let e = h5ad::read(&p).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    assert!(e.message.contains("element 1 is not valid UTF-8"), "{e}");
+
+    let d2 = tmp("text-nul");
+    write_10x(
+        &d2,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 1\n1 1 3\n",
+    );
+    gz(&d2.join("barcodes.tsv.gz"), "c0\nc\u{0}1\nc2\n");
+    let e = tenx::read(&d2).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    assert!(e.message.contains("line 2 contains a NUL byte"), "{e}");
+    std::fs::remove_file(d2.join("barcodes.tsv.gz")).unwrap();
+    std::fs::write(d2.join("barcodes.tsv"), b"c0\nc\xff1\nc2\n").unwrap();
+    let e = tenx::read(&d2).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    assert!(e.message.contains("not valid UTF-8"), "{e}");
+}
+
+/// A dataset may declare far more elements than the file stores (unwritten chunks read
+/// as fill values): the reader refuses before allocating what the header claims.
+#[test]
+fn declared_sizes_beyond_the_file_are_refused() {
+    let _turn = serial();
+    let d = tmp("declared");
+    let p = d.join("huge.h5ad");
+    write_h5ad(&p, XLayout::Csr, false, false);
+    {
+        let f = hdf5::File::open_rw(&p).unwrap();
+        let x = f.group("X").unwrap();
+        x.unlink("data").unwrap();
+        // 2^31 floats (8 GiB) declared, nothing written
+        x.new_dataset::<f32>()
+            .chunk(1 << 16)
+            .shape(1usize << 31)
+            .create("data")
+            .unwrap();
+    }
+    let e = h5ad::read(&p).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    assert!(e.message.contains("declares 2147483648 elements"), "{e}");
+}
+
+/// Seeds for the fuzz targets (`make fuzz`): small valid files of every format. Run on
+/// purpose: `cargo test -p exceiver-core --test data_files -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let _turn = serial();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+    for t in ["h5ad", "tenx_h5"] {
+        std::fs::create_dir_all(root.join(t)).unwrap();
+    }
+    write_h5ad(&root.join("h5ad/csr.h5ad"), XLayout::Csr, false, false);
+    write_h5ad(&root.join("h5ad/csc_gzip.h5ad"), XLayout::Csc, false, true);
+    write_h5ad(
+        &root.join("h5ad/dense_old_obs.h5ad"),
+        XLayout::Dense,
+        true,
+        false,
+    );
+    write_10x_h5(&root.join("tenx_h5/v3.h5"), true);
+    write_10x_h5(&root.join("tenx_h5/v2.h5"), false);
+    // a tiny model's weights, as the catalog stores them
+    use exceiver_core::model::{weights, Config};
+    let mut cfg = Config::small(12);
+    (
+        cfg.seq_dim,
+        cfg.query_dim,
+        cfg.query_len,
+        cfg.num_layers,
+        cfg.dim_feedforward,
+    ) = (4, 4, 2, 1, 8);
+    cfg.nhead = 1;
+    let params = weights::Params::init(&cfg, 1).unwrap();
+    let bytes = weights::save_safetensors(&cfg, &params, &[]).unwrap();
+    std::fs::create_dir_all(root.join("safetensors")).unwrap();
+    std::fs::write(root.join("safetensors/tiny.safetensors"), bytes).unwrap();
+    std::fs::create_dir_all(root.join("config_json")).unwrap();
+    std::fs::write(
+        root.join("config_json/tiny.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("config_json/published_hparams.json"),
+        Config::published_exceiver().to_hyper_parameters(),
+    )
+    .unwrap();
+}
+
+/// Findings of `make fuzz`, kept as regression inputs: a file on which the HDF5 C library
+/// itself crashes (segmentation fault in H5HG_read) and one on which it leaks. Read as
+/// exceiver reads them (the library in a child process), each is a file-format error,
+/// and this test process survives.
+#[test]
+fn fuzz_findings_are_errors() {
+    let _turn = serial();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+    let e = h5ad::read(&dir.join("h5ad-libhdf5-segv-H5HG_read.h5ad")).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    let e = tenx::read(&dir.join("tenx_h5-libhdf5-leak.h5")).unwrap_err();
+    assert!(matches!(e.kind, Kind::FileFormat | Kind::Limit), "{e}");
 }

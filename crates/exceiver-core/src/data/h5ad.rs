@@ -17,8 +17,16 @@ use std::path::Path;
 /// Rows of a dense `X` read per block, to bound memory.
 const DENSE_BLOCK_ROWS: usize = 1024;
 
-/// Read an `.h5ad` file into cells × genes.
+/// Read an `.h5ad` file into cells × genes, the HDF5 library running in a child
+/// process ([`super::isolated`]): a file that crashes the library is an error.
 pub fn read(path: &Path) -> Result<CellMatrix> {
+    // a missing file or a folder is told apart here, without a process
+    std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    super::isolated::run(&path.display().to_string(), || read_in_process(path))
+}
+
+/// [`read`] in this process (tests, and fuzzing the HDF5 library itself).
+pub fn read_in_process(path: &Path) -> Result<CellMatrix> {
     let file = h5::open(path)?;
     let ctx = |e: Error| e.context(format!("\"{}\"", path.display()));
     read_file(&file).map_err(ctx)

@@ -8,6 +8,7 @@
 
 mod h5;
 pub mod h5ad;
+pub mod isolated;
 pub mod mtx;
 pub mod tenx;
 
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 
 /// The values of one per-cell label column (`obs` in AnnData terms).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ObsValues {
     Text(Vec<Option<String>>),
     Int(Vec<Option<i64>>),
@@ -47,14 +48,14 @@ impl ObsValues {
 }
 
 /// A named per-cell column.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ObsColumn {
     pub name: String,
     pub values: ObsValues,
 }
 
 /// Cells × genes, compressed by row (one row per cell).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CellMatrix {
     /// Cell identifiers (barcodes), unique.
     pub barcodes: Vec<String>,

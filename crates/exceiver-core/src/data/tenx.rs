@@ -25,7 +25,10 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
                         Error::new(crate::Kind::FileNotFound, format!("no matrix.mtx[.gz] or Cell Ranger .h5 file in \"{}\"", path.display()))
                             .with_hint("Point at a Cell Ranger output folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or at its .h5 file.")
                     })?;
-                (read_h5(&h5)?, path.to_path_buf())
+                (
+                    super::isolated::run(&h5.display().to_string(), || read_h5(&h5))?,
+                    path.to_path_buf(),
+                )
             }
         }
     } else {
@@ -33,7 +36,10 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        (read_h5(path)?, dir)
+        (
+            super::isolated::run(&path.display().to_string(), || read_h5(path))?,
+            dir,
+        )
     };
     let ann = dir.join("annotations.tsv");
     if ann.is_file() {

@@ -1,0 +1,14 @@
+//! An AnnData .h5ad file, read as exceiver reads it (the HDF5 library in a child process).
+#![no_main]
+use exceiver_core::data::h5ad;
+use libfuzzer_sys::fuzz_target;
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    // below libFuzzer's malloc limit, so that a size past the budget is refused by the
+    // reader's own checks and a huge allocation that slips through is a finding
+    exceiver_core::limits::set_max_bytes(256 << 20);
+    let p = common::scratch().join("input.h5ad");
+    std::fs::write(&p, data).unwrap();
+    let _ = h5ad::read(&p);
+});
