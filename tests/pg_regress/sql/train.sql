@@ -88,6 +88,22 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}');
+-- shapes whose memory is past exceiver.max_memory are refused before allocating (54000);
+-- a projection head over a very wide embedding used to abort the backend
+SET client_min_messages = warning;
+SET exceiver.threads = 2;  -- the estimate counts per-thread buffers
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "query_len": 4096, "seq_dim": 1024, "query_dim": 1024, "contrastive_head": 65536}');
+SET exceiver.max_memory = '64MB';
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "batch_size": 65536, "epochs": 1}');
+RESET exceiver.max_memory;
+RESET exceiver.threads;
+RESET client_min_messages;
+-- a role that is not superuser cannot raise its own limit
+CREATE ROLE exceiver_regress_limits;
+SET ROLE exceiver_regress_limits;
+SET exceiver.max_memory = '1TB';
+RESET ROLE;
+DROP ROLE exceiver_regress_limits;
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
 SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
 SELECT * FROM exceiver.train('x', 'no_such_table');
