@@ -22,7 +22,7 @@ const DENSE_BLOCK_ROWS: usize = 1024;
 pub fn read(path: &Path) -> Result<CellMatrix> {
     // a missing file or a folder is told apart here, without a process
     std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    super::isolated::run(&path.display().to_string(), || read_in_process(path))
+    super::isolated::run_file(path, || read_in_process(path))
 }
 
 /// [`read`] in this process (tests, and fuzzing the HDF5 library itself).

@@ -8,7 +8,9 @@
 //! So the readers that call into HDF5 run in a forked child process: the child parses
 //! the file, sends the matrix (or the error) back through a pipe and exits with
 //! `_exit`; a crash or a leak ends with the child, and the parent turns a child that
-//! died into a file-format error. The parent checks for interrupts while it waits
+//! died into a file-format error. Fuzzing also found files on which the library never
+//! returns: the child has a CPU-time limit sized by the file ([`cpu_seconds_for`]).
+//! The parent checks for interrupts while it waits
 //! ([`crate::limits::interrupt`]) and kills the child if the work is cancelled.
 //!
 //! The fork happens while holding the `hdf5` crate's library lock, so that no other
@@ -70,8 +72,34 @@ fn os_error(what: &str) -> Error {
     )
 }
 
+/// CPU seconds a child may spend on a file of `bytes`: 60 s, plus 4 s per MB (a
+/// 23 MB `.h5ad` takes about one second). Fuzzing found files on which the HDF5 library
+/// loops forever; past this the child is killed (SIGXCPU) and the load fails with 22P04.
+pub fn cpu_seconds_for(bytes: u64) -> u64 {
+    60 + 4 * (bytes >> 20)
+}
+
+/// Run `read` (an HDF5 reader of the file `path`) in a child process; the path names
+/// the file in errors and sizes the child's CPU limit ([`cpu_seconds_for`]).
+pub fn run_file(
+    path: &std::path::Path,
+    read: impl FnOnce() -> Result<CellMatrix>,
+) -> Result<CellMatrix> {
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    run_limited(&path.display().to_string(), cpu_seconds_for(bytes), read)
+}
+
 /// Run `read` (an HDF5 reader) in a child process; `what` names the file in errors.
 pub fn run(what: &str, read: impl FnOnce() -> Result<CellMatrix>) -> Result<CellMatrix> {
+    run_limited(what, cpu_seconds_for(0), read)
+}
+
+/// [`run`] with the child limited to `cpu_seconds` of CPU time.
+pub fn run_limited(
+    what: &str,
+    cpu_seconds: u64,
+    read: impl FnOnce() -> Result<CellMatrix>,
+) -> Result<CellMatrix> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills the two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -89,7 +117,7 @@ pub fn run(what: &str, read: impl FnOnce() -> Result<CellMatrix>) -> Result<Cell
         return Err(os_error("could not start the HDF5 reader process"));
     }
     if pid == 0 {
-        child(rd, wr, read);
+        child(rd, wr, cpu_seconds, read);
     }
     drop(wr);
     let mut proc = Child { pid, reaped: false };
@@ -132,8 +160,14 @@ pub fn run(what: &str, read: impl FnOnce() -> Result<CellMatrix>) -> Result<Cell
 }
 
 /// The child: parse, reply, `_exit`. Never returns.
-fn child(rd: Fd, wr: Fd, read: impl FnOnce() -> Result<CellMatrix>) -> ! {
+fn child(rd: Fd, wr: Fd, cpu_seconds: u64, read: impl FnOnce() -> Result<CellMatrix>) -> ! {
     drop(rd);
+    let lim = libc::rlimit {
+        rlim_cur: cpu_seconds as libc::rlim_t,
+        rlim_max: cpu_seconds as libc::rlim_t + 5,
+    };
+    // SAFETY: limits this process only.
+    unsafe { libc::setrlimit(libc::RLIMIT_CPU, &lim) };
     // The parent's interrupt hook calls into the host (PostgreSQL): not from here.
     crate::limits::set_interrupt_hook(None);
     // SAFETY: default dispositions, so a crash ends this process only and the host's
@@ -153,6 +187,7 @@ fn child(rd: Fd, wr: Fd, read: impl FnOnce() -> Result<CellMatrix>) -> ! {
             libc::SIGUSR1,
             libc::SIGUSR2,
             libc::SIGPIPE,
+            libc::SIGXCPU,
         ] {
             libc::signal(sig, libc::SIG_DFL);
         }
@@ -248,6 +283,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.kind, Kind::FileFormat, "{e}");
         assert!(e.message.contains("killed by signal 11"), "{e}");
+    }
+
+    #[test]
+    fn a_reader_that_loops_forever_is_stopped() {
+        let t = std::time::Instant::now();
+        let e = run_limited("loop.h5ad", 1, || loop {
+            std::hint::black_box(0u64);
+        })
+        .unwrap_err();
+        assert_eq!(e.kind, Kind::FileFormat, "{e}");
+        assert!(e.message.contains("killed by signal 24"), "{e}");
+        assert!(t.elapsed().as_secs() < 30);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
                             .with_hint("Point at a Cell Ranger output folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or at its .h5 file.")
                     })?;
                 (
-                    super::isolated::run(&h5.display().to_string(), || read_h5(&h5))?,
+                    super::isolated::run_file(&h5, || read_h5(&h5))?,
                     path.to_path_buf(),
                 )
             }
@@ -36,10 +36,7 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        (
-            super::isolated::run(&path.display().to_string(), || read_h5(path))?,
-            dir,
-        )
+        (super::isolated::run_file(path, || read_h5(path))?, dir)
     };
     let ann = dir.join("annotations.tsv");
     if ann.is_file() {
