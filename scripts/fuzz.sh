@@ -31,7 +31,7 @@ for t in $TARGETS; do
   set +e
   cargo +nightly fuzz run -O --fuzz-dir fuzz "$t" "$corpus" "${seeds[@]}" -- \
     -max_total_time="$SECS" -rss_limit_mb=2048 -malloc_limit_mb=1024 -detect_leaks=1 \
-    -print_final_stats=1 -close_fd_mask=3 > "out/fuzz/$t.log" 2>&1
+    -print_final_stats=1 > "out/fuzz/$t.log" 2>&1
   rc=$?
   set -e
   execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\)/\1/p' "out/fuzz/$t.log" | tail -1)

@@ -107,13 +107,16 @@ SQL
   echo "$n" > "$W/trainings"
 ) &
 trainer=$!
-# memory sampler: RSS of every client backend of this database, every 10 s
+# memory sampler: private (anonymous) and shared resident memory of every pgbench
+# backend, every 10 s: "seconds pid anon_kB shmem_kB"
 (
   end=$((SECONDS + SECONDS_RUN + 5))
   while [ $SECONDS -lt $end ]; do
     t=$SECONDS
     for pid in $(psql -d postgres -tAc "SELECT pid FROM pg_stat_activity WHERE datname = '$DB' AND backend_type = 'client backend' AND application_name = 'pgbench'"); do
-      rss=$(awk '/^VmRSS/ {print $2}' /proc/$pid/status 2>/dev/null || true)
+      # RssAnon: the backend's own memory (VmRSS also counts the shared buffers it
+      # has touched, which grows as it reads more of the table and is not a leak)
+      rss=$(awk '/^RssAnon/ {a=$2} /^RssShmem/ {s=$2} END {if (a != "") print a, s}' /proc/$pid/status 2>/dev/null || true)
       [ -n "$rss" ] && echo "$t $pid $rss"
     done
     sleep 10
@@ -149,6 +152,7 @@ growth=$(awk -v q=$((SECONDS_RUN / 4)) '
   END { n = 0; s = 0; w = 0; for (p in first) { g = last[p] / first[p]; s += g; n++; if (g > w) w = g }
         if (n == 0) { print "0 0 0 0"; exit } printf "%d %.3f %.3f %d\n", n, s / n, w, peak }' "$OUT/backend_rss.txt")
 read -r n_backends mean_growth worst_growth peak_kb <<<"$growth"
+shmem_kb=$(awk '{ last[$2] = $4 } END { n = 0; s = 0; for (p in last) { s += last[p]; n++ } if (n) printf "%d", s / n; else print 0 }' "$OUT/backend_rss.txt")
 tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$OUT/pgbench.txt" | head -1)
 failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$OUT/pgbench.txt" | head -1)
 done_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$OUT/pgbench.txt" | head -1)
@@ -162,8 +166,8 @@ done_tx=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/
   echo "- trainings of another model during the run: $(cat "$W/trainings")"
   echo "- answers identical before and after (embed, classify, kNN, embed with the re-imported model):"
   sed 's/^/    /' "$OUT/after.txt"
-  echo "- backend memory (RSS) of $n_backends sessions from a quarter of the run to its end:" \
-       "mean growth x$mean_growth, worst x$worst_growth; peak ${peak_kb} kB"
+  echo "- backend private memory (RssAnon) of $n_backends sessions from a quarter of the run to its end:" \
+       "mean growth x$mean_growth, worst x$worst_growth; peak ${peak_kb} kB; shared buffers touched (RssShmem) at the end: ${shmem_kb} kB on average"
 } > "$OUT/soak_results.txt"
 cat "$OUT/soak_results.txt"
 rm -rf "$W"
