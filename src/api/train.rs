@@ -507,6 +507,31 @@ fn top_genes(
     keep.into_iter().map(|g| genes[g].clone()).collect()
 }
 
+/// Refuse (54000) a training run whose memory estimate (weights, optimiser state,
+/// per-thread buffers, projection head, a batch) is past `exceiver.max_memory`, before
+/// anything is allocated. `nnz`: vocabulary genes expressed per training cell.
+fn check_training_memory(run: &Run, cfg: &Config, nnz: &[usize]) {
+    cfg.validate().or_raise();
+    let o = &run.opts;
+    let head_hidden = if run.label_column.is_none() && o.contrastive.unwrap_or(0.0) > 0.0 {
+        o.contrastive_head
+    } else {
+        0
+    };
+    let threads = gucs::threads();
+    let max_expressed = nnz.iter().copied().max().unwrap_or(0);
+    exceiver_core::limits::check_bytes(
+        exceiver_core::train::memory_estimate(cfg, o.batch_size, threads, max_expressed, head_hidden),
+        &format!(
+            "training \"{}\" ({} parameters, batch {}, {threads} threads, up to {max_expressed} genes a cell)",
+            run.model,
+            cfg.approx_parameters(),
+            o.batch_size,
+        ),
+    )
+    .or_raise();
+}
+
 /// Train and store model `run.model`. `start` gives the initial config, params,
 /// vocabulary and scaler (None: fit from the data and initialise fresh weights).
 pub(crate) fn run_training(
@@ -690,24 +715,7 @@ pub(crate) fn run_training(
     if run.label_column.is_some() {
         cfg.num_classes = Some(run.labels.len());
     }
-    cfg.validate().or_raise();
-    let head_hidden = if run.label_column.is_none() && o.contrastive.unwrap_or(0.0) > 0.0 {
-        o.contrastive_head
-    } else {
-        0
-    };
-    let max_expressed = nnz.iter().copied().max().unwrap_or(0);
-    exceiver_core::limits::check_bytes(
-        exceiver_core::train::memory_estimate(&cfg, o.batch_size, gucs::threads(), max_expressed, head_hidden),
-        &format!(
-            "training \"{}\" ({} parameters, batch {}, {} threads, up to {max_expressed} genes a cell)",
-            run.model,
-            cfg.approx_parameters(),
-            o.batch_size,
-            gucs::threads()
-        ),
-    )
-    .or_raise();
+    check_training_memory(run, &cfg, &nnz);
     let params = match init_params {
         Some(p) => p,
         None => {

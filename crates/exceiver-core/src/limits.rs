@@ -64,20 +64,6 @@ pub fn check_bytes(bytes: u128, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reserve room for `n` more elements in `v` without aborting the process when the
-/// allocation fails (an error instead).
-pub fn try_reserve<T>(v: &mut Vec<T>, n: usize, what: &str) -> Result<()> {
-    v.try_reserve(n).map_err(|_| {
-        Error::new(
-            Kind::Limit,
-            format!(
-                "out of memory reserving {n} elements ({}) for {what}",
-                human(n as u128 * std::mem::size_of::<T>() as u128)
-            ),
-        )
-    })
-}
-
 type Hook = (ThreadId, fn());
 static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
 
@@ -108,12 +94,5 @@ mod tests {
         assert_eq!(e.kind, Kind::Limit);
         assert!(e.message.contains("a test needs about"), "{}", e.message);
         assert!(check_bytes(1024, "a test").is_ok());
-    }
-
-    #[test]
-    fn try_reserve_reports_instead_of_aborting() {
-        let mut v: Vec<u64> = Vec::new();
-        let e = try_reserve(&mut v, usize::MAX / 4, "a test").unwrap_err();
-        assert_eq!(e.kind, Kind::Limit);
     }
 }

@@ -28,38 +28,43 @@ fn parse_usize(tok: Option<&str>, line_no: usize, what: &str) -> Result<usize> {
     })
 }
 
-/// Read a Matrix Market coordinate matrix from `reader`. Zero entries are dropped;
-/// values must be finite and non-negative.
-pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
-    let mut line = String::with_capacity(128);
-    let mut line_no = 0usize;
-    let mut next_line = |line: &mut String, line_no: &mut usize| -> Result<bool> {
-        line.clear();
-        *line_no += 1;
-        match reader.read_line(line) {
+/// Lines of a Matrix Market file, numbered from 1, with read errors that say where.
+struct Lines<R> {
+    reader: R,
+    line: String,
+    no: usize,
+}
+
+impl<R: BufRead> Lines<R> {
+    /// The next line into `self.line`; false at the end of the file.
+    fn next(&mut self) -> Result<bool> {
+        self.line.clear();
+        self.no += 1;
+        let no = self.no;
+        match self.reader.read_line(&mut self.line) {
             Ok(0) => Ok(false),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::format(format!(
-                "file is truncated or its compression is corrupt near line {line_no}"
+                "file is truncated or its compression is corrupt near line {no}"
             ))),
             Err(e)
                 if e.kind() == std::io::ErrorKind::InvalidData
                     || e.kind() == std::io::ErrorKind::InvalidInput =>
             {
                 Err(Error::format(format!(
-                    "file is corrupt near line {line_no}: {e}"
+                    "file is corrupt near line {no}: {e}"
                 )))
             }
             Err(e) => Err(Error::new(
                 crate::Kind::Io,
-                format!("read error near line {line_no}: {e}"),
+                format!("read error near line {no}: {e}"),
             )),
         }
-    };
-
-    if !next_line(&mut line, &mut line_no)? {
-        return Err(Error::format("file is empty"));
     }
+}
+
+/// The banner line: whether the matrix is a `pattern` (no values).
+fn parse_banner(line: &str) -> Result<bool> {
     let header = line.trim().to_ascii_lowercase();
     let h: Vec<&str> = header.split_whitespace().collect();
     if h.len() < 5 || h[0] != "%%matrixmarket" || h[1] != "matrix" {
@@ -89,17 +94,12 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
             h[4]
         )));
     }
+    Ok(pattern)
+}
 
-    // Skip comments, read the size line.
-    loop {
-        if !next_line(&mut line, &mut line_no)? {
-            return Err(Error::format("file ends before its size line"));
-        }
-        let t = line.trim();
-        if !(t.is_empty() || t.starts_with('%')) {
-            break;
-        }
-    }
+/// The size line `rows cols entries`, checked against itself and against the memory
+/// budget before anything is allocated.
+fn parse_size(line: &str, line_no: usize) -> Result<(usize, usize, usize)> {
     let mut it = line.split_whitespace();
     let rows = parse_usize(it.next(), line_no, "row count")?;
     let cols = parse_usize(it.next(), line_no, "column count")?;
@@ -115,13 +115,72 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
             "{entries} entries declared for a {rows} × {cols} matrix"
         )));
     }
-
-    // Sizes from the header are checked before anything is allocated: the triplets
-    // (12 bytes an entry), then the CSR copy (8 more) and one offset per cell and gene.
+    // The triplets (12 bytes an entry), then the CSR copy (8 more) and one offset per
+    // cell and gene.
     crate::limits::check_bytes(
         entries as u128 * 20 + (rows as u128 + cols as u128 + 2) * 8,
         &format!("a Matrix Market matrix of {rows} × {cols} with {entries} entries"),
     )?;
+    Ok((rows, cols, entries))
+}
+
+/// One entry line: 1-based (row, column) in range, and its value (1 for a pattern).
+fn parse_entry(
+    s: &str,
+    line_no: usize,
+    (rows, cols): (usize, usize),
+    pattern: bool,
+) -> Result<(usize, usize, f64)> {
+    let mut it = s.split_ascii_whitespace();
+    let r = parse_usize(it.next(), line_no, "row index")?;
+    let c = parse_usize(it.next(), line_no, "column index")?;
+    if r == 0 || r > rows {
+        return Err(Error::format(format!(
+            "line {line_no}: row index {r} out of range 1..{rows}"
+        )));
+    }
+    if c == 0 || c > cols {
+        return Err(Error::format(format!(
+            "line {line_no}: column index {c} out of range 1..{cols}"
+        )));
+    }
+    let v: f64 = if pattern {
+        1.0
+    } else {
+        let tok = it
+            .next()
+            .ok_or_else(|| Error::format(format!("line {line_no}: missing value")))?;
+        tok.parse::<f64>().map_err(|_| {
+            Error::format(format!("line {line_no}: value \"{tok}\" is not a number"))
+        })?
+    };
+    check_count(v, || format!("line {line_no} (row {r}, column {c})"))?;
+    Ok((r, c, v))
+}
+
+/// Read a Matrix Market coordinate matrix from `reader`. Zero entries are dropped;
+/// values must be finite and non-negative.
+pub fn read<R: BufRead>(reader: R) -> Result<Triplets> {
+    let mut lines = Lines {
+        reader,
+        line: String::with_capacity(128),
+        no: 0,
+    };
+    if !lines.next()? {
+        return Err(Error::format("file is empty"));
+    }
+    let pattern = parse_banner(&lines.line)?;
+    // Skip comments, read the size line.
+    loop {
+        if !lines.next()? {
+            return Err(Error::format("file ends before its size line"));
+        }
+        let t = lines.line.trim();
+        if !(t.is_empty() || t.starts_with('%')) {
+            break;
+        }
+    }
+    let (rows, cols, entries) = parse_size(&lines.line, lines.no)?;
     // Grow with the entries actually read, never from the header's word alone.
     let cap = entries.min(1 << 16);
     let mut t = Triplets {
@@ -133,42 +192,19 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
     };
     let mut read = 0usize;
     while read < entries {
-        if !next_line(&mut line, &mut line_no)? {
+        if !lines.next()? {
             return Err(Error::format(format!(
                 "file is truncated: {read} of {entries} declared entries read"
             )));
         }
-        if line_no % 65_536 == 0 {
+        if lines.no % 65_536 == 0 {
             crate::limits::interrupt();
         }
-        let s = line.trim();
+        let s = lines.line.trim();
         if s.is_empty() {
             continue;
         }
-        let mut it = s.split_ascii_whitespace();
-        let r = parse_usize(it.next(), line_no, "row index")?;
-        let c = parse_usize(it.next(), line_no, "column index")?;
-        if r == 0 || r > rows {
-            return Err(Error::format(format!(
-                "line {line_no}: row index {r} out of range 1..{rows}"
-            )));
-        }
-        if c == 0 || c > cols {
-            return Err(Error::format(format!(
-                "line {line_no}: column index {c} out of range 1..{cols}"
-            )));
-        }
-        let v: f64 = if pattern {
-            1.0
-        } else {
-            let tok = it
-                .next()
-                .ok_or_else(|| Error::format(format!("line {line_no}: missing value")))?;
-            tok.parse::<f64>().map_err(|_| {
-                Error::format(format!("line {line_no}: value \"{tok}\" is not a number"))
-            })?
-        };
-        check_count(v, || format!("line {line_no} (row {r}, column {c})"))?;
+        let (r, c, v) = parse_entry(s, lines.no, (rows, cols), pattern)?;
         read += 1;
         if v != 0.0 {
             t.row.push((r - 1) as u32);
@@ -177,10 +213,11 @@ pub fn read<R: BufRead>(mut reader: R) -> Result<Triplets> {
         }
     }
     // Anything after the declared entries other than blank lines means the header lied.
-    while next_line(&mut line, &mut line_no)? {
-        if !line.trim().is_empty() {
+    while lines.next()? {
+        if !lines.line.trim().is_empty() {
             return Err(Error::format(format!(
-                "line {line_no}: more entries than the {entries} declared"
+                "line {}: more entries than the {entries} declared",
+                lines.no
             )));
         }
     }
