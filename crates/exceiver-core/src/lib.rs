@@ -12,6 +12,7 @@ pub mod limits;
 pub mod model;
 pub mod plot;
 pub mod preprocess;
+pub mod session;
 pub mod train;
 
 pub use error::{Error, Kind, Result};

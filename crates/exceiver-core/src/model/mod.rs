@@ -14,6 +14,7 @@
 //!
 //! Formulas and parity tolerances: `fixtures/README.md`.
 
+pub mod cell;
 pub mod config;
 pub mod dense;
 pub mod forward;

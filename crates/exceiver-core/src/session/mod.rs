@@ -1,0 +1,778 @@
+//! The training session: the whole recipe of `exceiver.train` and `exceiver.finetune`,
+//! generic over where the cells come from.
+//!
+//! A [`CellSource`] streams cells pass by pass (the training cells in a fixed order,
+//! the training cells shuffled for an epoch, the validation cells); the PostgreSQL
+//! extension implements it with SPI cursors over a cell table, [`InMemory`] over a
+//! loaded file, so `cargo test`, the experiment program and the benchmarks run the same
+//! session users run from SQL. A [`Progress`] receives the NOTICE lines and may stop the
+//! work between batches.
+//!
+//! The recipe, in order:
+//! 1. the vocabulary (a new model: genes expressed in at least `min_cells` training
+//!    cells, then optionally the `n_top_genes` most variable), one pass to fit the
+//!    scaler, the per-gene-mean baseline and the mask size;
+//! 2. the memory estimate, checked against [`crate::limits`] before weights exist;
+//!    fresh weights start with the value head at the mean target;
+//! 3. epochs: shuffled batches, masked value prediction (plus cross-entropy for a
+//!    classifier, plus NT-Xent of two views per cell when `contrastive` > 0), then
+//!    validation with fixed masks; the weights of the best validation epoch are kept,
+//!    and training stops after `patience` epochs without improvement.
+
+mod options;
+mod source;
+
+pub use options::{Options, CONTRASTIVE_HEAD, CONTRASTIVE_HEAD_OUT, KEYS, SMALL_CONTRASTIVE, SMALL_TOP_GENES};
+pub use source::{text_column, InMemory, Split};
+
+use crate::accel::AnyTrainer;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::model::cell::{RawCell, Vocab};
+use crate::model::rng::Rng;
+use crate::model::{AttentionMode, Config, Params};
+use crate::preprocess::{HvgFit, Scaler, ScalerFit};
+use crate::train::{
+    init_for_scratch_training, mask_positions, n_mask_for, ProjectionHead, TrainCell, TrainOpts,
+};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Which cells a pass reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The training cells, in an order that is the same in every such pass.
+    Training,
+    /// The training cells in a fresh order for this epoch (0-based), fixed by the seed.
+    Shuffled { epoch: usize },
+    /// The validation cells, in an order that is the same in every pass.
+    Validation,
+}
+
+/// Where the cells of a training run come from. Which cells train and which validate
+/// (`val_fraction`, `seed`, `max_cells`, `label_fraction`) is the source's to decide,
+/// the same way in every pass; a classifier's source returns only labelled cells.
+pub trait CellSource {
+    /// What the cells are, for messages (e.g. a table's qualified name).
+    fn describe(&self) -> String;
+    /// Whether there is any cell at all.
+    fn has_cells(&mut self) -> Result<bool>;
+    /// Names of the genes that appear in at least `min_cells` training cells, sorted.
+    fn expressed_genes(&mut self, min_cells: i64) -> Result<Vec<String>>;
+    /// Stream the cells of `pass` over `vocab` to `each`, in batches of up to `batch`
+    /// cells (the last may be shorter).
+    fn scan(
+        &mut self,
+        pass: Pass,
+        batch: usize,
+        vocab: &Vocab,
+        each: &mut dyn FnMut(Vec<RawCell>) -> Result<()>,
+    ) -> Result<()>;
+}
+
+/// Progress lines and a chance to stop, between batches.
+pub trait Progress {
+    /// A progress line (the extension sends it as a NOTICE).
+    fn notice(&mut self, _line: &str) {}
+    /// Called after every batch; an error (or an unwinding host check) stops the run.
+    fn check(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Progress that prints to standard error (tests, examples).
+pub struct Stderr;
+impl Progress for Stderr {
+    fn notice(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+/// What a run starts from when it does not fit a new model to the data: a model's
+/// shape, weights, vocabulary and scaler.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub cfg: Config,
+    pub params: Params,
+    pub genes: Vec<String>,
+    pub scaler: Scaler,
+}
+
+/// One training run.
+pub struct Task<'a> {
+    /// The new model's name (messages).
+    pub model: &'a str,
+    pub opts: &'a Options,
+    /// None: a new model fitted to the data.
+    pub start: Option<Start>,
+    /// A classifier's labels (finetuning); None for a plain Exceiver model.
+    pub labels: Option<Vec<String>>,
+    pub threads: usize,
+    pub device: Device,
+}
+
+/// A trained model and what the run measured.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    pub cfg: Config,
+    /// The weights of the best validation epoch.
+    pub params: Params,
+    pub genes: Vec<String>,
+    pub scaler: Scaler,
+    pub labels: Option<Vec<String>>,
+    /// `metrics` and `history` as the catalog stores them.
+    pub metrics: Value,
+    pub history: Vec<Value>,
+    pub epochs: usize,
+    pub steps: u64,
+    /// Best validation MSE (NaN without validation cells).
+    pub best_val: f64,
+    /// Validation MSE of the per-gene-mean baseline (NaN without validation cells).
+    pub baseline_val: f64,
+    pub seconds: f64,
+    pub cells_per_s: f64,
+}
+
+/// A classifier to finetune from `base` (its shape, plus `n_classes`): the base's
+/// weights where `init_random` is false (every tensor but a base classifier's class
+/// token and head), fresh ones otherwise.
+pub fn classifier_start(
+    base: &Start,
+    n_classes: usize,
+    attention: Option<AttentionMode>,
+    seed: u64,
+    init_random: bool,
+) -> Result<Start> {
+    let mut cfg = base.cfg.clone();
+    cfg.num_classes = Some(n_classes);
+    if let Some(a) = attention {
+        cfg.attention = a;
+    }
+    cfg.validate()?;
+    let mut params = Params::init(&cfg, seed)?;
+    if !init_random {
+        let b = &base.params;
+        let n = b.gene_emb.len().min(params.gene_emb.len());
+        // rows 0..G and the mask row; a base classifier's class token is not reused
+        let keep = n.min((cfg.seq_len + 1) * cfg.seq_dim);
+        params.gene_emb[..keep].copy_from_slice(&b.gene_emb[..keep]);
+        params.query_emb = b.query_emb.clone();
+        params.encoder = b.encoder.clone();
+        params.layers = b.layers.clone();
+        params.decoder = b.decoder.clone();
+        params.value_head = b.value_head.clone();
+        params.value_emb = b.value_emb.clone();
+    }
+    Ok(Start {
+        cfg,
+        params,
+        genes: base.genes.clone(),
+        scaler: base.scaler.clone(),
+    })
+}
+
+/// What the data pass found: vocabulary, scaler, baseline, mask size.
+struct Data {
+    vocab: Vocab,
+    scaler: Scaler,
+    /// Per-gene mean model value over the training cells where the gene is expressed.
+    baseline: Vec<f32>,
+    /// Cells expressing each gene.
+    expr_n: Vec<u32>,
+    /// Vocabulary genes expressed per training cell.
+    nnz: Vec<usize>,
+    n_mask: usize,
+    /// Training cells with fewer expressed genes than the mask size.
+    too_small: usize,
+    train_cells: u64,
+}
+
+/// The `n` most variable of `genes` over the training cells (scanpy's "seurat"
+/// flavour), in name order. One extra pass.
+fn top_genes(
+    src: &mut dyn CellSource,
+    progress: &mut dyn Progress,
+    genes: Vec<String>,
+    n: usize,
+    min_cells: i64,
+) -> Result<Vec<String>> {
+    let vocab = Vocab::new(genes)?;
+    let mut fit = HvgFit::new(vocab.len());
+    src.scan(Pass::Training, 1024, &vocab, &mut |cells| {
+        for cell in &cells {
+            fit.add_cell(&cell.genes, &cell.log_norm());
+        }
+        progress.check()
+    })?;
+    let keep = fit.select(n);
+    if keep.is_empty() {
+        return Err(Error::invalid(format!(
+            "none of the {} vocabulary genes varies over the training cells of {}",
+            vocab.len(),
+            src.describe()
+        )));
+    }
+    progress.notice(&format!(
+        "vocabulary: the {} most variable of {} genes expressed in at least {min_cells} training cells (option n_top_genes)",
+        keep.len(),
+        vocab.len(),
+    ));
+    let names = vocab.into_names();
+    Ok(keep.into_iter().map(|g| names[g].clone()).collect())
+}
+
+/// Step 1: vocabulary, scaler, baseline and mask size. Returns the data and the model
+/// shape (a new model's from the options; `start`'s otherwise).
+fn prepare(
+    src: &mut dyn CellSource,
+    o: &Options,
+    start: Option<&Start>,
+    progress: &mut dyn Progress,
+) -> Result<(Data, Config)> {
+    let rel = src.describe();
+    if !src.has_cells()? {
+        return Err(Error::invalid(format!("table {rel} has no cells"))
+            .with_hint("Load cells first, e.g. with exceiver.load_h5ad()."));
+    }
+    let (cfg, genes) = match start {
+        Some(s) => (s.cfg.clone(), s.genes.clone()),
+        None => {
+            let genes = src.expressed_genes(o.min_cells)?;
+            if genes.is_empty() {
+                return Err(Error::invalid(format!(
+                    "no gene is expressed in at least {} training cells of {rel}",
+                    o.min_cells
+                ))
+                .with_hint("Lower the min_cells option, or check that the table has cells."));
+            }
+            let genes = match o.n_top_genes {
+                Some(n) if n > 0 && n < genes.len() => {
+                    top_genes(src, progress, genes, n, o.min_cells)?
+                }
+                _ => genes,
+            };
+            (o.config(genes.len())?, genes)
+        }
+    };
+    let vocab = Vocab::new(genes)?;
+    let n_genes = vocab.len();
+    let mut fit = ScalerFit::new(n_genes);
+    let mut expr_sum = vec![0.0f64; n_genes];
+    let mut expr_n = vec![0u32; n_genes];
+    let mut nnz: Vec<usize> = Vec::new();
+    let fresh = start.is_none();
+    src.scan(Pass::Training, 1024, &vocab, &mut |cells| {
+        for cell in &cells {
+            let ys = cell.log_norm();
+            if fresh {
+                fit.add_cell(&cell.genes, &ys)?;
+            }
+            for (&g, &y) in cell.genes.iter().zip(&ys) {
+                expr_sum[g as usize] += y as f64;
+                expr_n[g as usize] += 1;
+            }
+            nnz.push(cell.genes.len());
+        }
+        progress.check()
+    })?;
+    let train_cells = nnz.len() as u64;
+    if train_cells == 0 {
+        return Err(Error::invalid(format!("{rel} has no training cells"))
+            .with_hint("The table is empty, or every cell went to validation (val_fraction)."));
+    }
+    let scaler = match start {
+        Some(s) => s.scaler.clone(),
+        None if o.standardize.unwrap_or(true) => fit.finish()?,
+        // model values log1p + 1: mean 0 and scale 1 for every gene
+        None => Scaler::identity(n_genes),
+    };
+    let n_mask = n_mask_for(o.frac, &nnz);
+    if n_mask == 0 {
+        let mut v = nnz.clone();
+        v.sort_unstable();
+        return Err(Error::invalid(format!(
+            "frac {} of the median {} expressed genes per cell masks no gene",
+            o.frac,
+            v[v.len() / 2]
+        )));
+    }
+    let too_small = nnz.iter().filter(|&&n| n < n_mask).count();
+    if too_small > 0 {
+        progress.notice(&format!("{too_small} of {train_cells} training cells have fewer than {n_mask} expressed vocabulary genes (the mask size) and are skipped"));
+    }
+    // the baseline a model must beat
+    let baseline: Vec<f32> = (0..n_genes)
+        .map(|g| {
+            if expr_n[g] > 0 {
+                scaler.value(g, (expr_sum[g] / expr_n[g] as f64) as f32)
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let data = Data {
+        vocab,
+        scaler,
+        baseline,
+        expr_n,
+        nnz,
+        n_mask,
+        too_small,
+        train_cells,
+    };
+    Ok((data, cfg))
+}
+
+/// Refuse (54000) a run whose memory estimate (weights, optimiser state, per-thread
+/// buffers, projection head, a batch) is past [`crate::limits::max_bytes`], before
+/// anything is allocated.
+pub fn check_memory(
+    model: &str,
+    cfg: &Config,
+    o: &Options,
+    classifier: bool,
+    threads: usize,
+    nnz: &[usize],
+) -> Result<()> {
+    cfg.validate()?;
+    let head_hidden = if !classifier && o.contrastive.unwrap_or(0.0) > 0.0 {
+        o.contrastive_head
+    } else {
+        0
+    };
+    let max_expressed = nnz.iter().copied().max().unwrap_or(0);
+    crate::limits::check_bytes(
+        crate::train::memory_estimate(cfg, o.batch_size, threads, max_expressed, head_hidden),
+        &format!(
+            "training \"{model}\" ({} parameters, batch {}, {threads} threads, up to {max_expressed} genes a cell)",
+            cfg.approx_parameters(),
+            o.batch_size,
+        ),
+    )
+}
+
+/// Cells into training examples: masks, contrastive views, labels.
+struct Batcher<'a> {
+    data: &'a Data,
+    labels: Option<HashMap<&'a str, usize>>,
+    keep: f64,
+}
+
+impl Batcher<'_> {
+    /// A cell with its mask (None: too few genes, or a classifier's cell without a
+    /// known label).
+    fn example(&self, cell: &RawCell, rng: &mut Rng) -> Option<TrainCell> {
+        let n_mask = self.data.n_mask;
+        if cell.genes.len() < n_mask {
+            return None;
+        }
+        let label = match (&cell.label, &self.labels) {
+            (Some(l), Some(index)) => Some(*index.get(l.as_str())?),
+            (None, Some(_)) => return None,
+            _ => None,
+        };
+        let mask = mask_positions(cell.genes.len(), n_mask, rng).ok()?;
+        Some(TrainCell {
+            genes: cell.genes.clone(),
+            values: cell.model_values(&self.data.scaler),
+            mask,
+            label,
+        })
+    }
+
+    fn batch(&self, raw: &[RawCell], rng: &mut Rng) -> Vec<TrainCell> {
+        raw.iter().filter_map(|c| self.example(c, rng)).collect()
+    }
+
+    /// A contrastive view: each expressed gene kept with probability `keep`, then the
+    /// mask size of the kept ones masked as usual.
+    fn view(&self, cell: &RawCell, rng: &mut Rng) -> Option<TrainCell> {
+        let values = cell.model_values(&self.data.scaler);
+        let (mut g, mut v) = (Vec::new(), Vec::new());
+        for (&gi, &vi) in cell.genes.iter().zip(&values) {
+            if rng.uniform() < self.keep {
+                g.push(gi);
+                v.push(vi);
+            }
+        }
+        if g.len() <= self.data.n_mask {
+            return None;
+        }
+        let mask = mask_positions(g.len(), self.data.n_mask, rng).ok()?;
+        Some(TrainCell {
+            genes: g,
+            values: v,
+            mask,
+            label: None,
+        })
+    }
+
+    /// Two views of each cell, side by side (cells without two views are left out).
+    fn views(&self, raw: &[RawCell], rng: &mut Rng) -> Vec<TrainCell> {
+        raw.iter()
+            .filter_map(|c| Some([self.view(c, rng)?, self.view(c, rng)?]))
+            .flatten()
+            .collect()
+    }
+}
+
+/// What validation measured (NaN where nothing was measured).
+struct Val {
+    mse: f64,
+    base: f64,
+    ce: f64,
+    contrastive: f64,
+    cells: usize,
+}
+
+/// Step 3b: validation with fixed masks (the same seed every pass), the baseline's MSE
+/// and, when training contrastively, the NT-Xent loss of fixed views.
+fn validate(
+    src: &mut dyn CellSource,
+    trainer: &mut AnyTrainer,
+    b: &Batcher,
+    o: &Options,
+    contrast: f64,
+    progress: &mut dyn Progress,
+) -> Result<Val> {
+    let mut rng = Rng::new(o.seed ^ 0x5eed_5eed);
+    let mut vrng = Rng::new(o.seed ^ 0xc0ff_ee00);
+    let (mut se, mut base_se, mut ce, mut masked, mut cells) = (0.0f64, 0.0f64, 0.0f64, 0, 0);
+    let (mut csum, mut cn) = (0.0f64, 0usize);
+    let tau = o.contrastive_temperature;
+    src.scan(Pass::Validation, o.batch_size.max(64), &b.data.vocab, &mut |raw| {
+        if contrast > 0.0 {
+            let views = b.views(&raw, &mut vrng);
+            if views.len() >= 4 {
+                csum += trainer.eval_contrastive(&views, tau)? * views.len() as f64;
+                cn += views.len();
+            }
+        }
+        let batch = b.batch(&raw, &mut rng);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let s = trainer.eval_stats(&batch)?;
+        se += s.mse * s.masked as f64;
+        ce += s.ce * s.cells as f64;
+        masked += s.masked;
+        cells += s.cells;
+        for tc in &batch {
+            for &p in &tc.mask {
+                let d = (b.data.baseline[tc.genes[p] as usize] - tc.values[p]) as f64;
+                base_se += d * d;
+            }
+        }
+        progress.check()
+    })?;
+    let contrastive = if cn > 0 { csum / cn as f64 } else { f64::NAN };
+    if masked == 0 {
+        return Ok(Val {
+            mse: f64::NAN,
+            base: f64::NAN,
+            ce: f64::NAN,
+            contrastive,
+            cells: 0,
+        });
+    }
+    Ok(Val {
+        mse: se / masked as f64,
+        base: base_se / masked as f64,
+        ce: ce / cells.max(1) as f64,
+        contrastive,
+        cells,
+    })
+}
+
+/// Counters across epochs.
+struct Clock {
+    step: u64,
+    total_steps: u64,
+    cells_seen: u64,
+    t0: Instant,
+    /// Seconds spent in training steps only.
+    train_time: f64,
+}
+
+/// Step 3a: one epoch of shuffled batches. Returns (mean train loss, mean contrastive
+/// loss) per cell.
+#[allow(clippy::too_many_arguments)]
+fn epoch(
+    src: &mut dyn CellSource,
+    trainer: &mut AnyTrainer,
+    b: &Batcher,
+    o: &Options,
+    contrast: f64,
+    epoch: usize,
+    clock: &mut Clock,
+    progress: &mut dyn Progress,
+) -> Result<(f64, f64)> {
+    let mut rng = Rng::new(o.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64 + 1));
+    let (mut loss_sum, mut loss_n, mut closs_sum) = (0.0f64, 0usize, 0.0f64);
+    let tau = o.contrastive_temperature;
+    src.scan(Pass::Shuffled { epoch }, o.batch_size, &b.data.vocab, &mut |raw| {
+        let ts = Instant::now();
+        let (s, n_cells) = if contrast > 0.0 {
+            let views = b.views(&raw, &mut rng);
+            if views.len() < 4 {
+                return Ok(());
+            }
+            let (s, c) = trainer.train_step_contrastive(&views, tau, contrast)?;
+            closs_sum += c * (views.len() / 2) as f64;
+            (s, views.len() / 2)
+        } else {
+            let batch = b.batch(&raw, &mut rng);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            (trainer.train_step(&batch)?, batch.len())
+        };
+        clock.train_time += ts.elapsed().as_secs_f64();
+        clock.step += 1;
+        clock.cells_seen += n_cells as u64;
+        loss_sum += s.loss * n_cells as f64;
+        loss_n += n_cells;
+        progress.check()?;
+        if clock.step % o.progress_every == 0 {
+            let el = clock.t0.elapsed().as_secs_f64();
+            progress.notice(&format!(
+                "step {}/{} (epoch {}): train loss {:.4}, {:.1} cells/s, about {:.0} s left",
+                clock.step,
+                clock.total_steps,
+                epoch + 1,
+                loss_sum / loss_n.max(1) as f64,
+                clock.cells_seen as f64 / el.max(1e-9),
+                el / clock.step as f64 * clock.total_steps.saturating_sub(clock.step) as f64
+            ));
+        }
+        Ok(())
+    })?;
+    let n = loss_n.max(1) as f64;
+    Ok((loss_sum / n, closs_sum / n))
+}
+
+/// Step 2: the model and its optimiser (and the contrastive projection head).
+fn trainer_for(
+    task: &Task,
+    start: Option<Start>,
+    mut cfg: Config,
+    data: &Data,
+    contrast: f64,
+) -> Result<AnyTrainer> {
+    let o = task.opts;
+    if let Some(l) = &task.labels {
+        cfg.num_classes = Some(l.len());
+    }
+    check_memory(task.model, &cfg, o, task.labels.is_some(), task.threads, &data.nnz)?;
+    let params = match start {
+        Some(s) => s.params,
+        None => {
+            let mut p = Params::init(&cfg, o.seed)?;
+            // Start the value head at the mean target (the mean model value of the
+            // expressed genes): a fresh head predicts ~0 against targets of ~3.6.
+            let n: f64 = data.expr_n.iter().map(|&x| x as f64).sum();
+            let mean = (0..data.vocab.len())
+                .map(|g| data.expr_n[g] as f64 * data.baseline[g] as f64)
+                .sum::<f64>()
+                / n.max(1.0);
+            init_for_scratch_training(&cfg, &mut p, mean)?;
+            p
+        }
+    };
+    let topts = TrainOpts {
+        lr: o.learning_rate,
+        weight_decay: o.weight_decay,
+        warmup_steps: o.warmup_steps,
+        threads: task.threads,
+        ..TrainOpts::default()
+    };
+    let emb_len = cfg.embedding_len();
+    let mut trainer = AnyTrainer::new(cfg, params, data.scaler.zero_fill(), topts, task.device)?;
+    if contrast > 0.0 && o.contrastive_head > 0 {
+        let head = ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?;
+        trainer.set_projection_head(Some(head))?;
+    }
+    Ok(trainer)
+}
+
+/// Run the training session: see the module documentation.
+pub fn train(src: &mut dyn CellSource, mut task: Task, progress: &mut dyn Progress) -> Result<Trained> {
+    let o = task.opts;
+    let t0 = Instant::now();
+    let start = task.start.take();
+    let (data, cfg) = prepare(src, o, start.as_ref(), progress)?;
+    let classifier = task.labels.is_some();
+    // contrastive views: plain Exceiver models only
+    let contrast = if classifier { 0.0 } else { o.contrastive.unwrap_or(0.0) };
+    let mut trainer = trainer_for(&task, start, cfg, &data, contrast)?;
+    let cfg = trainer.config().clone();
+    let batcher = Batcher {
+        data: &data,
+        labels: task
+            .labels
+            .as_ref()
+            .map(|l| l.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect()),
+        keep: o.contrastive_keep,
+    };
+    let steps_per_epoch =
+        ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64;
+    progress.notice(&start_line(&task, src, &data, &cfg, contrast, steps_per_epoch, &trainer));
+    let mut clock = Clock {
+        step: 0,
+        total_steps: steps_per_epoch * o.epochs as u64,
+        cells_seen: 0,
+        t0: Instant::now(),
+        train_time: 0.0,
+    };
+    let mut history: Vec<Value> = Vec::new();
+    let mut best: Option<(f64, Params)> = None;
+    let (mut baseline_val, mut bad_epochs, mut epochs_done) = (f64::NAN, 0usize, 0usize);
+    for e in 0..o.epochs {
+        let (train_loss, closs) =
+            epoch(src, &mut trainer, &batcher, o, contrast, e, &mut clock, progress)?;
+        let v = validate(src, &mut trainer, &batcher, o, contrast, progress)?;
+        baseline_val = v.base;
+        epochs_done = e + 1;
+        history.push(history_entry(e, &clock, train_loss, closs, &v, classifier, contrast));
+        // the objective being minimised, on the validation cells
+        let score = if classifier {
+            v.mse + v.ce
+        } else if contrast > 0.0 && v.contrastive.is_finite() {
+            v.mse + contrast * v.contrastive
+        } else {
+            v.mse
+        };
+        let extra = if classifier {
+            format!(", validation CE {:.4}", v.ce)
+        } else if contrast > 0.0 {
+            format!(", contrastive loss {closs:.4} (validation {:.4})", v.contrastive)
+        } else {
+            String::new()
+        };
+        progress.notice(&format!(
+            "epoch {}/{}: train loss {train_loss:.4}, validation MSE {:.4} (per-gene mean baseline {:.4}){extra}, {:.1} cells/s",
+            e + 1,
+            o.epochs,
+            v.mse,
+            v.base,
+            clock.cells_seen as f64 / clock.t0.elapsed().as_secs_f64().max(1e-9)
+        ));
+        if v.cells == 0 {
+            // no validation cells: keep the latest weights
+            best = Some((train_loss, trainer.params()?.into_owned()));
+            continue;
+        }
+        if best.as_ref().is_none_or(|(b, _)| score < *b) {
+            best = Some((score, trainer.params()?.into_owned()));
+            bad_epochs = 0;
+        } else {
+            bad_epochs += 1;
+            if bad_epochs >= o.patience {
+                progress.notice(&format!(
+                    "early stop: validation did not improve for {} epochs",
+                    o.patience
+                ));
+                break;
+            }
+        }
+    }
+    let (best_score, params) = match best {
+        Some(b) => b,
+        None => (f64::NAN, trainer.params()?.into_owned()),
+    };
+    let best_val = history
+        .iter()
+        .filter_map(|h| h.get("val_mse").and_then(Value::as_f64))
+        .fold(f64::INFINITY, f64::min);
+    let seconds = t0.elapsed().as_secs_f64();
+    let cells_per_s = clock.cells_seen as f64 / clock.train_time.max(1e-9);
+    let finite = |x: f64| if x.is_finite() { json!(x) } else { Value::Null };
+    let metrics = json!({
+        "best_val_mse": finite(best_val), "best_val_score": finite(best_score),
+        "baseline_val_mse": finite(baseline_val),
+        "epochs": epochs_done, "steps": clock.step, "train_cells": data.train_cells,
+        "skipped_cells": data.too_small, "n_mask": data.n_mask, "seconds": seconds,
+        "train_cells_per_s": cells_per_s, "threads": task.threads, "options": o.to_json(),
+    });
+    Ok(Trained {
+        cfg,
+        params,
+        genes: data.vocab.into_names(),
+        scaler: data.scaler,
+        labels: task.labels,
+        metrics,
+        history,
+        epochs: epochs_done,
+        steps: clock.step,
+        best_val,
+        baseline_val,
+        seconds,
+        cells_per_s,
+    })
+}
+
+/// The first progress line: what is about to be trained.
+fn start_line(
+    task: &Task,
+    src: &dyn CellSource,
+    data: &Data,
+    cfg: &Config,
+    contrast: f64,
+    steps_per_epoch: u64,
+    trainer: &AnyTrainer,
+) -> String {
+    let o = task.opts;
+    let n_params = trainer.params().map(|p| p.num_parameters(cfg)).unwrap_or(0);
+    let contrastive = if contrast > 0.0 {
+        let head = if o.contrastive_head > 0 {
+            format!("{} → {} → {CONTRASTIVE_HEAD_OUT}", cfg.embedding_len(), o.contrastive_head)
+        } else {
+            "none".to_string()
+        };
+        format!(
+            "; contrastive term weight {contrast} (two views of each cell keeping {} of its genes, temperature {}, projection head {head})",
+            o.contrastive_keep, o.contrastive_temperature
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "training \"{}\" on {}: {} training cells, {} genes, {} masked per cell, {} epochs of {steps_per_epoch} steps (batch {}), {} parameters, {} threads{contrastive}",
+        task.model,
+        src.describe(),
+        data.train_cells,
+        data.vocab.len(),
+        data.n_mask,
+        o.epochs,
+        o.batch_size,
+        n_params,
+        task.threads,
+    )
+}
+
+fn history_entry(
+    e: usize,
+    clock: &Clock,
+    train_loss: f64,
+    closs: f64,
+    v: &Val,
+    classifier: bool,
+    contrast: f64,
+) -> Value {
+    let mut h = json!({"epoch": e + 1, "step": clock.step, "train_loss": train_loss,
+                       "seconds": clock.t0.elapsed().as_secs_f64()});
+    if contrast > 0.0 {
+        h["train_contrastive"] = json!(closs);
+    }
+    if v.cells > 0 {
+        h["val_mse"] = json!(v.mse);
+        if classifier {
+            h["val_ce"] = json!(v.ce);
+        }
+        if v.contrastive.is_finite() {
+            h["val_contrastive"] = json!(v.contrastive);
+        }
+    }
+    h
+}
