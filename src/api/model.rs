@@ -10,6 +10,7 @@ use crate::api::load::check_file_access;
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
 use crate::security::{pinned, PinnedSearchPath};
+use exceiver_core::model::cell::RawCell;
 use exceiver_core::model::forward::Exceiver;
 use exceiver_core::model::weights;
 use exceiver_core::model::Config;
@@ -222,46 +223,8 @@ pub(crate) fn cell_input_iter<'a>(
     genes: impl Iterator<Item = Option<&'a str>>,
     counts: impl Iterator<Item = Option<f32>>,
 ) -> Result<(CellInput, usize), Error> {
-    use exceiver_core::Kind;
-    let mut idx = Vec::with_capacity(n);
-    let mut cnt = Vec::with_capacity(n);
-    let mut total = 0.0f64;
-    let mut unknown = 0usize;
-    for (p, (g, c)) in genes.zip(counts).enumerate() {
-        let g =
-            g.ok_or_else(|| Error::new(Kind::NullValue, format!("genes[{}] is NULL", p + 1)))?;
-        let c =
-            c.ok_or_else(|| Error::new(Kind::NullValue, format!("counts[{}] is NULL", p + 1)))?;
-        if !c.is_finite() || c < 0.0 {
-            return Err(Error::data(format!(
-                "counts[{}] = {c} for gene \"{g}\": counts must be finite and non-negative",
-                p + 1
-            )));
-        }
-        total += c as f64;
-        match m.vocab.get(g) {
-            Some(&i) => {
-                idx.push(i);
-                cnt.push(c);
-            }
-            None => unknown += 1,
-        }
-    }
-    // Genes must be unique within a cell.
-    let mut sorted = idx.clone();
-    sorted.sort_unstable();
-    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-        let name = m
-            .vocab
-            .iter()
-            .find(|(_, &v)| v == w[0])
-            .map(|(k, _)| k.as_str())
-            .unwrap_or("?");
-        return Err(Error::data(format!(
-            "gene \"{name}\" appears more than once in the cell"
-        )));
-    }
-    if idx.is_empty() || total <= 0.0 {
+    let (cell, unknown) = RawCell::read(|g| m.vocab.get(g).copied(), genes, counts)?;
+    if unknown == n || cell.total <= 0.0 {
         return Err(Error::invalid(format!(
             "the cell has no counts on the model's {} genes ({n} genes given, {unknown} not in the vocabulary)",
             m.vocab.len()
@@ -270,7 +233,7 @@ pub(crate) fn cell_input_iter<'a>(
     }
     let mut out_g = Vec::new();
     let mut out_v = Vec::new();
-    normalize_cell_into(&idx, &cnt, Some(total), &m.scaler, &mut out_g, &mut out_v)?;
+    normalize_cell_into(&cell.genes, &cell.counts, Some(cell.total), &m.scaler, &mut out_g, &mut out_v)?;
     if out_g.is_empty() {
         return Err(Error::invalid(
             "the cell has no non-zero counts on the model's genes",

@@ -122,7 +122,7 @@ impl CellSource for TableSource {
     fn expressed_genes(&mut self, min_cells: i64) -> Result<Vec<String>> {
         let q = format!(
             "SELECT coalesce(array_agg(g ORDER BY g), '{{}}') FROM (SELECT g FROM \
-             (SELECT genes FROM {} WHERE {}{}) t, unnest(genes) g \
+             (SELECT genes FROM {} WHERE {}{}) t, unnest(genes) g WHERE g IS NOT NULL \
              GROUP BY g HAVING count(*) >= $1) s",
             self.rel, self.train_where, self.limit
         );

@@ -16,30 +16,30 @@ SELECT sum(cardinality(genes)) AS nonzeros, bool_and(cardinality(genes) = cardin
 FROM kang, LATERAL (SELECT min(x) AS c FROM unnest(counts) x) m;
 
 -- errors: each a clear message, and nothing left behind
-SELECT * FROM exceiver.load_h5ad('/nonexistent/file.h5ad', 'nope');
-SELECT * FROM exceiver.load_10x('/nonexistent/folder', 'nope');
-SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'pbmc3k');
+SELECT * FROM exceiver.load_h5ad('/nonexistent/file.h5ad', 'nope'); \echo :SQLSTATE
+SELECT * FROM exceiver.load_10x('/nonexistent/folder', 'nope'); \echo :SQLSTATE
+SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'pbmc3k'); \echo :SQLSTATE
 COPY (SELECT 'this is not an HDF5 file') TO '/tmp/exceiver_regress_bad.h5ad';
-SELECT * FROM exceiver.load_h5ad('/tmp/exceiver_regress_bad.h5ad', 'bad');
+SELECT * FROM exceiver.load_h5ad('/tmp/exceiver_regress_bad.h5ad', 'bad'); \echo :SQLSTATE
 -- a tiny Cell Ranger folder whose matrix is damaged in several ways
 COPY (SELECT g FROM unnest(ARRAY['A','B','C']) g) TO '/tmp/exceiver_regress_10x/genes.tsv';
 COPY (SELECT b FROM unnest(ARRAY['c1','c2']) b) TO '/tmp/exceiver_regress_10x/barcodes.tsv';
 COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate integer general', '3 2 3', '1 1 5', '2 2 1']) l)
   TO '/tmp/exceiver_regress_10x/matrix.mtx';
-SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad');
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLSTATE
 COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '3 2 2', '1 1 5', '2 2 NaN']) l)
   TO '/tmp/exceiver_regress_10x/matrix.mtx';
-SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad');
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLSTATE
 COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '3 2 2', '1 1 5', '2 2 -1']) l)
   TO '/tmp/exceiver_regress_10x/matrix.mtx';
-SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad');
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLSTATE
 COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '4 2 1', '1 1 5']) l)
   TO '/tmp/exceiver_regress_10x/matrix.mtx';
-SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad');
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLSTATE
 COPY (SELECT b FROM unnest(ARRAY['c1','c1']) b) TO '/tmp/exceiver_regress_10x/barcodes.tsv';
 COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '3 2 1', '1 1 0.5']) l)
   TO '/tmp/exceiver_regress_10x/matrix.mtx';
-SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad');
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLSTATE
 -- non-integer counts are valid (ambient-corrected data)
 COPY (SELECT b FROM unnest(ARRAY['c1','c2']) b) TO '/tmp/exceiver_regress_10x/barcodes.tsv';
 SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'ok_small');
@@ -49,7 +49,7 @@ SELECT to_regclass('bad') IS NULL AS nothing_left_behind;
 CREATE ROLE exceiver_regress_user;
 GRANT USAGE ON SCHEMA exceiver TO exceiver_regress_user;
 SET ROLE exceiver_regress_user;
-SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'mine');
+SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'mine'); \echo :SQLSTATE
 RESET ROLE;
 DROP OWNED BY exceiver_regress_user;
 DROP ROLE exceiver_regress_user;

@@ -44,9 +44,9 @@ SELECT latent, rank, gene, round((weight * 1e6)::numeric, 1) AS weight_ppm, roun
 FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[], top_k => 2)
 WHERE latent < 2 ORDER BY latent, rank;
 SELECT count(*) FROM exceiver.encoder_attention('ts', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]);
-SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 0);
+SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 0); \echo :SQLSTATE
 -- a huge top_k is refused before any allocation (it used to abort the backend) ...
-SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 2147483647);
+SELECT * FROM exceiver.encoder_attention('ts', ARRAY['G1'], ARRAY[3]::real[], top_k => 2147483647); \echo :SQLSTATE
 -- ... and a large valid one returns at most the cell's genes per latent
 SELECT count(*) AS rows, count(DISTINCT latent) AS latents FROM exceiver.encoder_attention('ts', ARRAY['G1','G2'], ARRAY[3,1]::real[], top_k => 1000000);
 
@@ -55,30 +55,30 @@ SELECT exceiver.classify('ts_clf', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]
 SELECT count(*), round(sum(probability)::numeric, 4) AS total FROM exceiver.classify_proba('ts_clf', ARRAY['G1','G5','G100'], ARRAY[3,1,7]::real[]);
 
 -- bad input: each a clear error
-SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1',NULL], ARRAY[1,2]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1,NULL]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY[-1]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY['NaN']::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY['Infinity']::real[]);
-SELECT exceiver.embed('ts', ARRAY['X1','X2'], ARRAY[1,2]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1','G1'], ARRAY[1,2]::real[]);
-SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY[0]::real[]);
-SELECT exceiver.embed('nope', ARRAY['G1'], ARRAY[1]::real[]);
-SELECT exceiver.predict_expression('ts', ARRAY['G1'], ARRAY[1]::real[], ARRAY['NOPE']);
-SELECT exceiver.predict_expression('ts', ARRAY['G1'], ARRAY[1]::real[], ARRAY['G1'], scale => 'linear');
-SELECT exceiver.classify('ts', ARRAY['G1'], ARRAY[1]::real[]);
-SELECT * FROM exceiver.import_checkpoint('x', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt', ARRAY['a','b','c']);
+SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1',NULL], ARRAY[1,2]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1','G2'], ARRAY[1,NULL]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY[-1]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY['NaN']::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY['Infinity']::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['X1','X2'], ARRAY[1,2]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1','G1'], ARRAY[1,2]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('ts', ARRAY['G1'], ARRAY[0]::real[]); \echo :SQLSTATE
+SELECT exceiver.embed('nope', ARRAY['G1'], ARRAY[1]::real[]); \echo :SQLSTATE
+SELECT exceiver.predict_expression('ts', ARRAY['G1'], ARRAY[1]::real[], ARRAY['NOPE']); \echo :SQLSTATE
+SELECT exceiver.predict_expression('ts', ARRAY['G1'], ARRAY[1]::real[], ARRAY['G1'], scale => 'linear'); \echo :SQLSTATE
+SELECT exceiver.classify('ts', ARRAY['G1'], ARRAY[1]::real[]); \echo :SQLSTATE
+SELECT * FROM exceiver.import_checkpoint('x', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt', ARRAY['a','b','c']); \echo :SQLSTATE
 SELECT * FROM exceiver.import_checkpoint('x', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt',
-                                         ARRAY(SELECT 'G' || (i % 19000) FROM generate_series(0, 19066) i));
+                                         ARRAY(SELECT 'G' || (i % 19000) FROM generate_series(0, 19066) i)); \echo :SQLSTATE
 SELECT * FROM exceiver.import_checkpoint('x', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt',
-                                         ARRAY(SELECT 'G' || i FROM generate_series(0, 19066) i), ARRAY[1,2]::real[], ARRAY[1,2]::real[]);
-SELECT * FROM exceiver.import_checkpoint('ts', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt', ARRAY['a']);
-SELECT * FROM exceiver.import_checkpoint('x', '/nonexistent/model.ckpt', ARRAY['a']);
+                                         ARRAY(SELECT 'G' || i FROM generate_series(0, 19066) i), ARRAY[1,2]::real[], ARRAY[1,2]::real[]); \echo :SQLSTATE
+SELECT * FROM exceiver.import_checkpoint('ts', :'root' || '/fixtures/checkpoints/pretrained_TS_exceiver.ckpt', ARRAY['a']); \echo :SQLSTATE
+SELECT * FROM exceiver.import_checkpoint('x', '/nonexistent/model.ckpt', ARRAY['a']); \echo :SQLSTATE
 COPY (SELECT 'not a checkpoint') TO '/tmp/exceiver_regress_bad.ckpt';
-SELECT * FROM exceiver.import_checkpoint('x', '/tmp/exceiver_regress_bad.ckpt', ARRAY['a']);
+SELECT * FROM exceiver.import_checkpoint('x', '/tmp/exceiver_regress_bad.ckpt', ARRAY['a']); \echo :SQLSTATE
 COPY (SELECT 'not safetensors') TO '/tmp/exceiver_regress_bad.safetensors';
-SELECT * FROM exceiver.import_checkpoint('x', '/tmp/exceiver_regress_bad.safetensors', ARRAY['a']);
+SELECT * FROM exceiver.import_checkpoint('x', '/tmp/exceiver_regress_bad.safetensors', ARRAY['a']); \echo :SQLSTATE
 
 CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
@@ -93,6 +93,6 @@ SELECT q AS call, pg_temp.sqlstate_of(q) AS sqlstate FROM (VALUES
   ($$SELECT exceiver.import_checkpoint('x', '/tmp/exceiver_regress_bad.ckpt', ARRAY['a'])$$)
 ) v(q);
 
-SELECT exceiver.drop_model('ts_clf');
+SELECT exceiver.drop_model('ts_clf'); \echo :SQLSTATE
 SELECT name FROM exceiver.models ORDER BY name;
 SELECT exceiver.drop_model('ts_clf');

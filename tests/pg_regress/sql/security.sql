@@ -116,13 +116,13 @@ RESET ROLE;
 -- Matrix Market parse of PBMC 3k alone takes over a second), and leaves nothing behind.
 SELECT clock_timestamp() AS t0 \gset
 SET statement_timeout = '300ms';
-SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'exceiver_sec.cancelled');
+SELECT * FROM exceiver.load_10x(:'data' || '/pbmc3k', 'exceiver_sec.cancelled'); \echo :SQLSTATE
 RESET statement_timeout;
 SELECT clock_timestamp() - :'t0'::timestamptz < interval '1.5 s' AS load_stopped_within_a_second,
        to_regclass('exceiver_sec.cancelled') IS NULL AS nothing_left;
 SELECT clock_timestamp() AS t0 \gset
 SET statement_timeout = '100ms';
-SELECT * FROM exceiver.embed_table('sec_alice', 'public.kang', 'emb_cancelled', 64);
+SELECT * FROM exceiver.embed_table('sec_alice', 'public.kang', 'emb_cancelled', 64); \echo :SQLSTATE
 RESET statement_timeout;
 SELECT clock_timestamp() - :'t0'::timestamptz < interval '1.5 s' AS embed_stopped_within_a_second,
        NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.kang'::regclass AND attname = 'emb_cancelled') AS no_column_left;

@@ -70,58 +70,74 @@ SELECT count(*) AS labels, round(sum(probability)::numeric, 4) AS total
 FROM (SELECT * FROM kang_small LIMIT 1) k, exceiver.classify_proba('tiny_stim', k.genes, k.counts);
 
 -- bad input
-SELECT * FROM exceiver.train('tiny', 'kang_small');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"epochs": "many"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"epoch": 3}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"learning_rate": -1}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"standardize": "yes"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "standardize": true}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"n_top_genes": -1}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "n_top_genes": 100}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": -1}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}');
+SELECT * FROM exceiver.train('tiny', 'kang_small'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"epochs": "many"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"epoch": 3}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"learning_rate": -1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"standardize": "yes"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "standardize": true}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "num_layers": 3}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"n_top_genes": -1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "n_top_genes": 100}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": -1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}'); \echo :SQLSTATE
 -- shapes whose memory is past exceiver.max_memory are refused before allocating (54000);
 -- a projection head over a very wide embedding used to abort the backend
 SET client_min_messages = warning;
 SET exceiver.threads = 2;  -- the estimate counts per-thread buffers
-SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "query_len": 4096, "seq_dim": 1024, "query_dim": 1024, "contrastive_head": 65536}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "query_len": 4096, "seq_dim": 1024, "query_dim": 1024, "contrastive_head": 65536}'); \echo :SQLSTATE
 SET exceiver.max_memory = '64MB';
-SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "batch_size": 65536, "epochs": 1}');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "batch_size": 65536, "epochs": 1}'); \echo :SQLSTATE
 RESET exceiver.max_memory;
 RESET exceiver.threads;
 RESET client_min_messages;
 -- a role that is not superuser cannot raise its own limit
 CREATE ROLE exceiver_regress_limits;
 SET ROLE exceiver_regress_limits;
-SET exceiver.max_memory = '1TB';
+SET exceiver.max_memory = '1TB'; \echo :SQLSTATE
 RESET ROLE;
 DROP ROLE exceiver_regress_limits;
-SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}');
-SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]');
-SELECT * FROM exceiver.train('x', 'no_such_table');
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "nope"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '[1, 2]'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'no_such_table'); \echo :SQLSTATE
 CREATE TABLE empty_cells (cell_id text, genes text[], counts real[]);
-SELECT * FROM exceiver.train('x', 'empty_cells');
-SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"standardize": false}');
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"contrastive": 1}');
+SELECT * FROM exceiver.train('x', 'empty_cells'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"standardize": false}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"contrastive": 1}'); \echo :SQLSTATE
+-- bad cells stop training, named by the core's cell contract (the same checks and
+-- messages as exceiver.embed); nothing is stored
+CREATE TABLE bad_cells AS SELECT * FROM kang_small ORDER BY cell_id LIMIT 60;
+UPDATE bad_cells SET counts[2] = -1 WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.train('x', 'bad_cells', '{"min_cells": 1, "epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+UPDATE bad_cells SET counts[2] = 'NaN' WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.train('x', 'bad_cells', '{"min_cells": 1, "epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+UPDATE bad_cells SET counts[2] = 1, genes[2] = genes[1] WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.train('x', 'bad_cells', '{"min_cells": 1, "epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+UPDATE bad_cells SET genes[2] = NULL WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.train('x', 'bad_cells', '{"min_cells": 1, "epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+UPDATE bad_cells SET genes[2] = 'X', counts[3] = NULL WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.finetune('tiny', 'x', 'bad_cells', 'stim', '{"epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+UPDATE bad_cells SET counts = counts[1:2] WHERE cell_id = (SELECT min(cell_id) FROM bad_cells);
+SELECT * FROM exceiver.train('x', 'bad_cells', '{"min_cells": 1, "epochs": 1, "val_fraction": 0}'); \echo :SQLSTATE
+DROP TABLE bad_cells;
 UPDATE kang_small SET stim = 'CTRL';
-SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim');
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim'); \echo :SQLSTATE
 SELECT count(*) AS no_model_x FROM exceiver.models WHERE name = 'x';
 
 -- cancel: statement_timeout stops training between steps and leaves no model behind
 SET statement_timeout = '1s';
-SELECT * FROM exceiver.train('cancelled', 'kang', '{"preset": "small", "epochs": 50}');
+SELECT * FROM exceiver.train('cancelled', 'kang', '{"preset": "small", "epochs": 50}'); \echo :SQLSTATE
 RESET statement_timeout;
 SELECT count(*) AS no_partial_model FROM exceiver.models WHERE name = 'cancelled';

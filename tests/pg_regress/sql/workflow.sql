@@ -6,15 +6,15 @@
 LOAD 'exceiver';
 SHOW exceiver.threads;
 SET exceiver.threads = 1;
-SET exceiver.no_such_setting = 1;
-SET exceiver.threads = -1;
+SET exceiver.no_such_setting = 1; \echo :SQLSTATE
+SET exceiver.threads = -1; \echo :SQLSTATE
 RESET exceiver.threads;
 SHOW exceiver.device;
-SET exceiver.device = 'banana';
-SET exceiver.device = 'cuda:99999';
+SET exceiver.device = 'banana'; \echo :SQLSTATE
+SET exceiver.device = 'cuda:99999'; \echo :SQLSTATE
 SET exceiver.device = 'cuda:1';
-SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb_gpu');
-SELECT * FROM exceiver.train('gpu_model', 'cells');
+SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb_gpu'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('gpu_model', 'cells'); \echo :SQLSTATE
 RESET exceiver.device;
 
 -- bulk path: the whole table in batches, into a new vector(512) column
@@ -35,13 +35,13 @@ SELECT array_agg(cell_id ORDER BY cell_id) FROM (
 RESET enable_seqscan;
 -- bad input
 ALTER TABLE cells ADD COLUMN small vector(3);
-SELECT * FROM exceiver.embed_table('ts', 'cells', 'small');
-SELECT * FROM exceiver.embed_table('ts', 'cells', 'genes');
-SELECT * FROM exceiver.embed_table('ts', 'no_such_table');
+SELECT * FROM exceiver.embed_table('ts', 'cells', 'small'); \echo :SQLSTATE
+SELECT * FROM exceiver.embed_table('ts', 'cells', 'genes'); \echo :SQLSTATE
+SELECT * FROM exceiver.embed_table('ts', 'no_such_table'); \echo :SQLSTATE
 CREATE TABLE not_cells (x int);
-SELECT * FROM exceiver.embed_table('ts', 'not_cells');
-SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb3', batch_size => 0);
-SELECT * FROM exceiver.embed_table('nope', 'cells');
+SELECT * FROM exceiver.embed_table('ts', 'not_cells'); \echo :SQLSTATE
+SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb3', batch_size => 0); \echo :SQLSTATE
+SELECT * FROM exceiver.embed_table('nope', 'cells'); \echo :SQLSTATE
 
 -- evaluate_embeddings on vectors whose answer is known by hand: with k = 3, every
 -- point but 7 (a B lying among the As) is predicted right: accuracy 6/7, and
@@ -52,11 +52,11 @@ INSERT INTO toy VALUES (1, '[1,0]', 'A'), (2, '[1,0.1]', 'A'), (3, '[1,0.2]', 'A
   (8, NULL, 'A'), (9, '[1,1]', NULL);
 SELECT cells, classes, neighbours, round(accuracy::numeric, 4) AS accuracy, round(macro_f1::numeric, 4) AS macro_f1
 FROM exceiver.evaluate_embeddings('toy', 'emb', 'label', k => 3);
-SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'no_such_column');
-SELECT * FROM exceiver.evaluate_embeddings('toy', 'label', 'id');
-SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label', k => 0);
+SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'no_such_column'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_embeddings('toy', 'label', 'id'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label', k => 0); \echo :SQLSTATE
 UPDATE toy SET label = 'A';
-SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label');
+SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label'); \echo :SQLSTATE
 
 -- embedding_map: UMAP of two clusters of 40 points in 8-D (antipodal centres plus a
 -- deterministic wobble); each point's nearest neighbour in the 2-D map has its label
@@ -84,24 +84,24 @@ SELECT substring(png FROM 1 FOR 8) = '\x89504e470d0a1a0a'::bytea AS is_png, leng
 FROM (SELECT exceiver.map_png('blob_map', 'label', 'two blobs', width => 400, height => 300) AS png) p;
 SELECT exceiver.save_png(exceiver.map_png('blob_map', 'label'), '/tmp/exceiver_regress_map.png') > 5000 AS written;
 -- bad input
-SELECT * FROM exceiver.embedding_map('blobs', 'label');
-SELECT * FROM exceiver.embedding_map('blobs', 'no_such_column');
-SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"neighbours": 10}');
-SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 1}');
-SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 100}');
-SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"metric": "manhattan"}');
-SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"min_dist": "small"}');
+SELECT * FROM exceiver.embedding_map('blobs', 'label'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'no_such_column'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"neighbours": 10}'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"n_neighbors": 100}'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"metric": "manhattan"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.embedding_map('blobs', 'emb', '{"min_dist": "small"}'); \echo :SQLSTATE
 UPDATE blobs SET emb = '[0,0,0,0,0,0,0,0]' WHERE cell_id = 'p001';
-SELECT * FROM exceiver.embedding_map('blobs', 'emb');
-SELECT exceiver.map_png('blob_map', 'no_such_column');
-SELECT exceiver.map_png('blob_map', 'label', width => 0);
-SELECT exceiver.save_png('\x0001'::bytea, '/tmp/exceiver_regress_map.png');
-SELECT exceiver.save_png(exceiver.map_png('blob_map'), 'relative.png');
+SELECT * FROM exceiver.embedding_map('blobs', 'emb'); \echo :SQLSTATE
+SELECT exceiver.map_png('blob_map', 'no_such_column'); \echo :SQLSTATE
+SELECT exceiver.map_png('blob_map', 'label', width => 0); \echo :SQLSTATE
+SELECT exceiver.save_png('\x0001'::bytea, '/tmp/exceiver_regress_map.png'); \echo :SQLSTATE
+SELECT exceiver.save_png(exceiver.map_png('blob_map'), 'relative.png'); \echo :SQLSTATE
 CREATE ROLE exceiver_regress_writer;
 GRANT USAGE ON SCHEMA exceiver TO exceiver_regress_writer;
 GRANT SELECT ON blob_map TO exceiver_regress_writer;
 SET ROLE exceiver_regress_writer;
-SELECT exceiver.save_png(exceiver.map_png('blob_map'), '/tmp/exceiver_regress_map.png');
+SELECT exceiver.save_png(exceiver.map_png('blob_map'), '/tmp/exceiver_regress_map.png'); \echo :SQLSTATE
 RESET ROLE;
 DROP OWNED BY exceiver_regress_writer;
 DROP ROLE exceiver_regress_writer;
