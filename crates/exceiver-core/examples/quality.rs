@@ -22,7 +22,9 @@ use exceiver_core::data::{h5ad, tenx, CellMatrix};
 use exceiver_core::device::Device;
 use exceiver_core::model::cell::Vocab;
 use exceiver_core::model::{AttentionMode, Exceiver};
-use exceiver_core::session::{self, CellSource, InMemory, Options, Pass, Split, Start, Stderr, Task, Trained};
+use exceiver_core::session::{
+    self, CellSource, InMemory, Options, Pass, Split, Start, Stderr, Task, Trained,
+};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
@@ -49,8 +51,11 @@ fn main() {
     let a = Args(std::env::args().collect());
     let threads: usize = a.get("--threads", 2);
     let k: usize = a.get("--k", 15);
-    let opts = Options::for_train(&a.json("--options").unwrap_or(serde_json::json!({"preset": "small"})))
-        .unwrap_or_else(|e| panic!("--options: {}", e.message));
+    let opts = Options::for_train(
+        &a.json("--options")
+            .unwrap_or(serde_json::json!({"preset": "small"})),
+    )
+    .unwrap_or_else(|e| panic!("--options: {}", e.message));
     let t0 = Instant::now();
     let kang = h5ad::read(Path::new(&format!("{DATA}/kang_ifnb/kang_ifnb.h5ad"))).unwrap();
     let pbmc = tenx::read(Path::new(&format!("{DATA}/pbmc3k"))).unwrap();
@@ -64,7 +69,14 @@ fn main() {
     );
 
     let mut src = InMemory::new(&kang, "kang", &Split::from_options(&opts), None).unwrap();
-    let task = Task { model: "quality", opts: &opts, start: None, labels: None, threads, device: Device::Cpu };
+    let task = Task {
+        model: "quality",
+        opts: &opts,
+        start: None,
+        labels: None,
+        threads,
+        device: Device::Cpu,
+    };
     let t = session::train(&mut src, task, &mut Stderr).unwrap();
     println!(
         "kang: {} epochs, best validation MSE {:.4} (per-gene-mean baseline {:.4}), {:.0} s, {:.1} cells/s",
@@ -81,11 +93,20 @@ fn main() {
 /// Cells of `m` as model input over the model's vocabulary (every cell, in file order).
 fn model_cells(t: &Trained, m: &CellMatrix) -> Vec<(Vec<u32>, Vec<f32>)> {
     let vocab = Vocab::new(t.genes.clone()).unwrap();
-    let split = Split { val_fraction: 0.0, seed: 0, max_cells: None, label_fraction: 1.0 };
+    let split = Split {
+        val_fraction: 0.0,
+        seed: 0,
+        max_cells: None,
+        label_fraction: 1.0,
+    };
     let mut src = InMemory::new(m, "cells", &split, None).unwrap();
     let mut by_id = Vec::new();
     src.scan(Pass::Training, 1024, &vocab, &mut |cells| {
-        by_id.extend(cells.into_iter().map(|c| (c.genes.clone(), c.model_values(&t.scaler))));
+        by_id.extend(
+            cells
+                .into_iter()
+                .map(|c| (c.genes.clone(), c.model_values(&t.scaler))),
+        );
         Ok(())
     })
     .unwrap();
@@ -113,7 +134,10 @@ fn knn_report(t: &Trained, pbmc: &CellMatrix, k: usize, threads: usize) {
         .iter()
         .map(|&c| classes.binary_search(lab[c].as_ref().unwrap()).unwrap())
         .collect();
-    let input: Vec<(&[u32], &[f32])> = keep.iter().map(|&c| (cells[c].0.as_slice(), cells[c].1.as_slice())).collect();
+    let input: Vec<(&[u32], &[f32])> = keep
+        .iter()
+        .map(|&c| (cells[c].0.as_slice(), cells[c].1.as_slice()))
+        .collect();
     let dim = t.cfg.embedding_len();
     for mode in [AttentionMode::Reference, AttentionMode::ExpressedOnly] {
         let mut cfg = t.cfg.clone();
@@ -124,7 +148,14 @@ fn knn_report(t: &Trained, pbmc: &CellMatrix, k: usize, threads: usize) {
         let et = te.elapsed().as_secs_f64();
         let (acc, f1) = knn_eval(&emb, dim, &labels, classes.len(), k, threads);
         let (m, sd) = col_stats(&emb, dim);
-        let (acc_s, f1_s) = knn_eval(&transform(&emb, dim, &m, Some(&sd)), dim, &labels, classes.len(), k, threads);
+        let (acc_s, f1_s) = knn_eval(
+            &transform(&emb, dim, &m, Some(&sd)),
+            dim,
+            &labels,
+            classes.len(),
+            k,
+            threads,
+        );
         println!(
             "pbmc3k {mode:?}{} ({} cells, {} classes, embedded in {et:.1} s): kNN-{k} accuracy / macro-F1 {acc:.3} / {f1:.3}, standardised dimensions {acc_s:.3} / {f1_s:.3}",
             if mode == t.cfg.attention { " (the model's mode)" } else { "" },
@@ -137,13 +168,31 @@ fn knn_report(t: &Trained, pbmc: &CellMatrix, k: usize, threads: usize) {
 /// Finetune a stim classifier from the trained model and report held-out accuracy.
 fn stim(base: &Trained, kang: &CellMatrix, opts: &Value, threads: usize) {
     let o = Options::for_finetune(opts).unwrap_or_else(|e| panic!("--stim: {}", e.message));
-    let mut classes: Vec<String> = session::text_column(kang, "stim").unwrap().into_iter().flatten().collect();
+    let mut classes: Vec<String> = session::text_column(kang, "stim")
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
     classes.sort();
     classes.dedup();
-    let start = Start { cfg: base.cfg.clone(), params: base.params.clone(), genes: base.genes.clone(), scaler: base.scaler.clone() };
-    let start = session::classifier_start(&start, classes.len(), o.attention, o.seed, o.init_random).unwrap();
+    let start = Start {
+        cfg: base.cfg.clone(),
+        params: base.params.clone(),
+        genes: base.genes.clone(),
+        scaler: base.scaler.clone(),
+    };
+    let start =
+        session::classifier_start(&start, classes.len(), o.attention, o.seed, o.init_random)
+            .unwrap();
     let mut src = InMemory::new(kang, "kang", &Split::from_options(&o), Some("stim")).unwrap();
-    let task = Task { model: "stim", opts: &o, start: Some(start), labels: Some(classes.clone()), threads, device: Device::Cpu };
+    let task = Task {
+        model: "stim",
+        opts: &o,
+        start: Some(start),
+        labels: Some(classes.clone()),
+        threads,
+        device: Device::Cpu,
+    };
     let c = session::train(&mut src, task, &mut Stderr).unwrap();
     // accuracy on the held-out (validation) cells
     let model = Exceiver::new(c.cfg.clone(), c.params.clone(), c.scaler.zero_fill()).unwrap();
@@ -152,7 +201,9 @@ fn stim(base: &Trained, kang: &CellMatrix, opts: &Value, threads: usize) {
     src.scan(Pass::Validation, 256, &vocab, &mut |cells| {
         for cell in cells {
             let logits = model.classify_logits(&cell.genes, &cell.model_values(&c.scaler))?;
-            let best = (0..logits.len()).max_by(|&x, &y| logits[x].total_cmp(&logits[y])).unwrap_or(0);
+            let best = (0..logits.len())
+                .max_by(|&x, &y| logits[x].total_cmp(&logits[y]))
+                .unwrap_or(0);
             right += usize::from(cell.label.as_deref() == Some(classes[best].as_str()));
             n += 1;
         }
@@ -164,7 +215,11 @@ fn stim(base: &Trained, kang: &CellMatrix, opts: &Value, threads: usize) {
         c.epochs,
         right as f64 / n.max(1) as f64,
         o.label_fraction,
-        if o.init_random { "random" } else { "pretrained" }
+        if o.init_random {
+            "random"
+        } else {
+            "pretrained"
+        }
     );
 }
 
@@ -294,4 +349,3 @@ fn transform(emb: &[f32], dim: usize, mean: &[f32], sd: Option<&[f32]>) -> Vec<f
         })
         .collect()
 }
-

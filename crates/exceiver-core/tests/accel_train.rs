@@ -480,11 +480,11 @@ fn bad_batches_are_errors_and_leave_the_weights() {
     assert!(p.gene_emb[g * 4..(g + 1) * 4].iter().all(|&x| x == 0.0));
 }
 
-/// `AnyTrainer` on the CPU is the hand-written trainer (the same weights, bit for bit);
+/// `accel::stepper` on the CPU is the hand-written trainer (the same weights, bit for bit);
 /// a GPU in a build without the `cuda` feature is refused.
 #[test]
-fn any_trainer_picks_the_device() {
-    use exceiver_core::accel::AnyTrainer;
+fn stepper_picks_the_device() {
+    use exceiver_core::accel::stepper;
     use exceiver_core::device::Device as Dev;
     let cfg = tiny(AttentionMode::Reference, 4, 4, 4, None);
     let params = Params::init(&cfg, 3).unwrap();
@@ -495,7 +495,7 @@ fn any_trainer_picks_the_device() {
         threads: 1,
         ..TrainOpts::default()
     };
-    let mut a = AnyTrainer::new(
+    let mut a = stepper(
         cfg.clone(),
         params.clone(),
         zf.clone(),
@@ -512,7 +512,7 @@ fn any_trainer_picks_the_device() {
     assert_eq!(*a.params().unwrap(), *t.params());
     assert_eq!(a.eval_loss(&cells).unwrap(), t.eval_loss(&cells).unwrap());
     if !cfg!(feature = "cuda") {
-        let e = AnyTrainer::new(cfg, params, zf, opts, Dev::Cuda(0)).unwrap_err();
+        let e = stepper(cfg, params, zf, opts, Dev::Cuda(0)).unwrap_err();
         assert!(e.message.contains("CPU only"), "{}", e.message);
     }
 }

@@ -4,7 +4,10 @@
 
 use exceiver_core::model::kernels::Kernels;
 use exceiver_core::model::rng::Rng;
-use exceiver_core::model::{dense, AttentionMode, Config, Exceiver, Params};
+use exceiver_core::model::{AttentionMode, Config, Exceiver, Params};
+
+mod common;
+use common::dense;
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());

@@ -2,15 +2,14 @@
 //! and classifier, from both the safetensors conversion and the original `.ckpt`,
 //! against the outputs of the reference PyTorch modules.
 
-use exceiver_core::model::{
-    dense, load_checkpoint, load_safetensors, AttentionMode, Config, Exceiver,
-};
+use exceiver_core::model::{load_checkpoint, load_safetensors, AttentionMode, Config, Exceiver};
 use exceiver_core::preprocess::{self, Scaler};
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 mod common;
+use common::dense;
 use common::{check, read_fixture, FIX, T};
 
 struct Inputs {

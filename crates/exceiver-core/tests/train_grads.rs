@@ -3,12 +3,13 @@
 //! reference evaluation on tiny random models, and a short Adam run.
 
 use exceiver_core::model::rng::Rng;
-use exceiver_core::model::{dense, load_safetensors, AttentionMode, Config, Params};
+use exceiver_core::model::{load_safetensors, AttentionMode, Config, Params};
 use exceiver_core::train::{loss_and_grads, mask_positions, TrainCell, TrainOpts, Trainer};
 
 use std::collections::HashMap;
 
 mod common;
+use common::dense;
 use common::{read_fixture, rel, FIX, T};
 
 /// The reference training batch: 16 cells, 100 masked genes each (draw order).

@@ -14,7 +14,10 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const KANG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/kang_ifnb/kang_ifnb.h5ad");
+const KANG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../data/kang_ifnb/kang_ifnb.h5ad"
+);
 
 fn kang() -> &'static CellMatrix {
     static M: OnceLock<CellMatrix> = OnceLock::new();
@@ -36,23 +39,41 @@ fn run(opts: Value, labels: Option<&str>, start: Option<Start>) -> (Trained, Vec
     };
     let mut src = InMemory::new(kang(), "kang", &Split::from_options(&o), labels).unwrap();
     let classes = labels.map(|c| {
-        let mut l: Vec<String> = session::text_column(kang(), c).unwrap().into_iter().flatten().collect();
+        let mut l: Vec<String> = session::text_column(kang(), c)
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
         l.sort();
         l.dedup();
         l
     });
     let start = match (&classes, start) {
-        (Some(l), Some(base)) => Some(session::classifier_start(&base, l.len(), None, o.seed, false).unwrap()),
+        (Some(l), Some(base)) => {
+            Some(session::classifier_start(&base, l.len(), None, o.seed, false).unwrap())
+        }
         (_, s) => s,
     };
-    let task = Task { model: "m", opts: &o, start, labels: classes, threads: 2, device: Device::Cpu };
+    let task = Task {
+        model: "m",
+        opts: &o,
+        start,
+        labels: classes,
+        threads: 2,
+        device: Device::Cpu,
+    };
     let mut p = Quiet(Vec::new());
     let t = session::train(&mut src, task, &mut p).unwrap();
     (t, p.0)
 }
 
 fn start_of(t: &Trained) -> Start {
-    Start { cfg: t.cfg.clone(), params: t.params.clone(), genes: t.genes.clone(), scaler: t.scaler.clone() }
+    Start {
+        cfg: t.cfg.clone(),
+        params: t.params.clone(),
+        genes: t.genes.clone(),
+        scaler: t.scaler.clone(),
+    }
 }
 
 fn losses(t: &Trained, key: &str) -> Vec<f64> {
@@ -72,8 +93,16 @@ fn a_short_run_is_reproducible_and_its_losses_are_pinned() {
     assert_eq!(a.params.gene_emb, b.params.gene_emb);
     assert_eq!(a.history.len(), 2);
     assert_eq!(losses(&a, "train_loss"), losses(&b, "train_loss"));
-    assert!(notes[0].starts_with("vocabulary: the 400 most variable of"), "{notes:?}");
-    assert!(notes.iter().any(|n| n.starts_with("training \"m\" on kang: 500 training cells, 400 genes")), "{notes:?}");
+    assert!(
+        notes[0].starts_with("vocabulary: the 400 most variable of"),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("training \"m\" on kang: 500 training cells, 400 genes")),
+        "{notes:?}"
+    );
     assert_eq!(a.metrics["train_cells"], 500);
     assert_eq!(a.metrics["options"]["contrastive"], 1.0);
     // Pinned on the development machine (AVX2/FMA kernels, 2 threads). Within 1e-4
@@ -88,7 +117,10 @@ fn a_short_run_is_reproducible_and_its_losses_are_pinned() {
         let got = losses(&a, key);
         assert_eq!(got.len(), want.len(), "{key}: {got:?}");
         for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() <= 1e-4 * w.abs(), "{key}: {got:?}, pinned {want:?}");
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs(),
+                "{key}: {got:?}, pinned {want:?}"
+            );
         }
     }
 }
@@ -107,9 +139,15 @@ fn small_model_beats_the_per_gene_mean_on_kang() {
         None,
     );
     let (best, base) = (t.best_val, t.baseline_val);
-    eprintln!("{} genes, best validation MSE {best:.4}, per-gene-mean baseline {base:.4}", t.genes.len());
+    eprintln!(
+        "{} genes, best validation MSE {best:.4}, per-gene-mean baseline {base:.4}",
+        t.genes.len()
+    );
     assert_eq!(t.genes.len(), 2000);
-    assert!(best < 0.8 * base, "validation MSE {best:.4} is not well below the per-gene-mean baseline {base:.4}");
+    assert!(
+        best < 0.8 * base,
+        "validation MSE {best:.4} is not well below the per-gene-mean baseline {base:.4}"
+    );
 }
 
 #[test]
@@ -120,10 +158,16 @@ fn a_finetuned_classifier_learns_the_stimulation() {
         Some("stim"),
         Some(start_of(&base)),
     );
-    assert_eq!(c.labels.as_deref(), Some(&["CTRL".to_string(), "STIM".to_string()][..]));
+    assert_eq!(
+        c.labels.as_deref(),
+        Some(&["CTRL".to_string(), "STIM".to_string()][..])
+    );
     assert_eq!(c.cfg.num_classes, Some(2));
     let ce = losses(&c, "val_ce");
     eprintln!("validation cross-entropy by epoch: {ce:?}");
     // ln 2 = 0.693 is a coin toss
-    assert!(ce.iter().copied().fold(f64::INFINITY, f64::min) < 0.6, "{ce:?}");
+    assert!(
+        ce.iter().copied().fold(f64::INFINITY, f64::min) < 0.6,
+        "{ce:?}"
+    );
 }

@@ -8,7 +8,7 @@
 //! * [`DeviceTrainer`]: training with candle's autograd and Adam on the device, the
 //!   same inputs ([`crate::train::TrainCell`]), outputs ([`crate::train::StepStats`]),
 //!   options and maths as [`crate::train::Trainer`]; [`loss_and_grads`] as
-//!   [`crate::train::loss_and_grads`]. [`AnyTrainer`] picks the hand-written CPU
+//!   [`crate::train::loss_and_grads`]. [`stepper`] picks the hand-written CPU
 //!   trainer or a [`DeviceTrainer`] from a [`crate::device::Device`].
 //!
 //! Everything is f32, with full-precision f32 matrix products on the GPU (no TF32:
@@ -26,7 +26,7 @@ mod pack;
 mod train;
 
 pub use model::{BatchOutput, DeviceModel};
-pub use train::{loss_and_grads, AnyTrainer, DeviceTrainer};
+pub use train::{loss_and_grads, stepper, DeviceTrainer};
 
 use crate::error::{Error, Kind, Result};
 use crate::model::config::Config;

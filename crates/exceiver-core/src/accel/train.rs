@@ -17,7 +17,7 @@ use super::{compute_err, DEFAULT_BATCH_ELEMENTS};
 use crate::error::{Error, Result};
 use crate::model::config::Config;
 use crate::model::weights::Params;
-use crate::train::{ProjectionHead, StepStats, TrainCell, TrainOpts};
+use crate::train::{ProjectionHead, StepStats, Stepper, TrainCell, TrainOpts};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
@@ -647,122 +647,66 @@ pub fn loss_and_grads(
     .loss_and_grads(cells)
 }
 
-/// A trainer on the device that `exceiver.device` names: the hand-written
+/// A [`Stepper`] on the device that `exceiver.device` names: the hand-written
 /// [`crate::train::Trainer`] for the CPU (the fastest there), a [`DeviceTrainer`] for a
-/// GPU. The same methods as both; weights come back as a copy from a GPU.
-#[derive(Debug)]
-pub enum AnyTrainer {
-    Cpu(Box<crate::train::Trainer>),
-    Device(Box<DeviceTrainer>),
+/// GPU (opened with [`crate::device::Device::open`]: a GPU in a build without the
+/// `cuda` feature, or one that is not there, is an error).
+pub fn stepper(
+    cfg: Config,
+    params: Params,
+    zero_fill: Vec<f32>,
+    opts: TrainOpts,
+    device: crate::device::Device,
+) -> Result<Box<dyn Stepper>> {
+    Ok(match device {
+        crate::device::Device::Cpu => {
+            Box::new(crate::train::Trainer::new(cfg, params, zero_fill, opts)?)
+        }
+        d => Box::new(DeviceTrainer::new(
+            cfg,
+            params,
+            zero_fill,
+            opts,
+            &d.open()?,
+        )?),
+    })
 }
 
-impl AnyTrainer {
-    /// A trainer for `params` on `device` (opened with [`crate::device::Device::open`]:
-    /// a GPU in a build without the `cuda` feature, or one that is not there, is an
-    /// error).
-    pub fn new(
-        cfg: Config,
-        params: Params,
-        zero_fill: Vec<f32>,
-        opts: TrainOpts,
-        device: crate::device::Device,
-    ) -> Result<AnyTrainer> {
-        match device {
-            crate::device::Device::Cpu => Ok(AnyTrainer::Cpu(Box::new(
-                crate::train::Trainer::new(cfg, params, zero_fill, opts)?,
-            ))),
-            d => Ok(AnyTrainer::Device(Box::new(DeviceTrainer::new(
-                cfg,
-                params,
-                zero_fill,
-                opts,
-                &d.open()?,
-            )?))),
-        }
+impl Stepper for DeviceTrainer {
+    fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        DeviceTrainer::train_step(self, cells)
     }
-
-    /// See [`crate::train::Trainer::train_step`].
-    pub fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
-        match self {
-            AnyTrainer::Cpu(t) => t.train_step(cells),
-            AnyTrainer::Device(t) => t.train_step(cells),
-        }
-    }
-
-    /// See [`crate::train::Trainer::train_step_contrastive`].
-    pub fn train_step_contrastive(
+    fn train_step_contrastive(
         &mut self,
         views: &[TrainCell],
         tau: f64,
         weight: f64,
     ) -> Result<(StepStats, f64)> {
-        match self {
-            AnyTrainer::Cpu(t) => t.train_step_contrastive(views, tau, weight),
-            AnyTrainer::Device(t) => t.train_step_contrastive(views, tau, weight),
-        }
+        DeviceTrainer::train_step_contrastive(self, views, tau, weight)
     }
-
-    /// See [`crate::train::Trainer::eval_contrastive`].
-    pub fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
-        match self {
-            AnyTrainer::Cpu(t) => t.eval_contrastive(views, tau),
-            AnyTrainer::Device(t) => t.eval_contrastive(views, tau),
-        }
+    fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        DeviceTrainer::eval_contrastive(self, views, tau)
     }
-
-    /// See [`crate::train::Trainer::set_projection_head`].
-    pub fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
-        match self {
-            AnyTrainer::Cpu(t) => t.set_projection_head(head),
-            AnyTrainer::Device(t) => t.set_projection_head(head),
-        }
+    fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
+        DeviceTrainer::set_projection_head(self, head)
     }
-
-    /// See [`crate::train::Trainer::eval_stats`].
-    pub fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
-        match self {
-            AnyTrainer::Cpu(t) => t.eval_stats(cells),
-            AnyTrainer::Device(t) => t.eval_stats(cells),
-        }
+    fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        DeviceTrainer::eval_stats(self, cells)
     }
-
-    pub fn eval_loss(&mut self, cells: &[TrainCell]) -> Result<f64> {
-        Ok(self.eval_stats(cells)?.loss)
+    /// A copy from the device.
+    fn params(&self) -> Result<std::borrow::Cow<'_, Params>> {
+        Ok(std::borrow::Cow::Owned(DeviceTrainer::params(self)?))
     }
-
-    /// The current weights (borrowed on the CPU, copied from a GPU).
-    pub fn params(&self) -> Result<std::borrow::Cow<'_, Params>> {
-        match self {
-            AnyTrainer::Cpu(t) => Ok(std::borrow::Cow::Borrowed(t.params())),
-            AnyTrainer::Device(t) => Ok(std::borrow::Cow::Owned(t.params()?)),
-        }
+    fn into_params(self: Box<Self>) -> Result<Params> {
+        DeviceTrainer::into_params(*self)
     }
-
-    pub fn into_params(self) -> Result<Params> {
-        match self {
-            AnyTrainer::Cpu(t) => Ok((*t).into_params()),
-            AnyTrainer::Device(t) => (*t).into_params(),
-        }
+    fn config(&self) -> &Config {
+        DeviceTrainer::config(self)
     }
-
-    pub fn config(&self) -> &Config {
-        match self {
-            AnyTrainer::Cpu(t) => t.config(),
-            AnyTrainer::Device(t) => t.config(),
-        }
+    fn steps_done(&self) -> u64 {
+        DeviceTrainer::steps_done(self)
     }
-
-    pub fn steps_done(&self) -> u64 {
-        match self {
-            AnyTrainer::Cpu(t) => t.steps_done(),
-            AnyTrainer::Device(t) => t.steps_done(),
-        }
-    }
-
-    pub fn next_lr(&self) -> f64 {
-        match self {
-            AnyTrainer::Cpu(t) => t.next_lr(),
-            AnyTrainer::Device(t) => t.next_lr(),
-        }
+    fn next_lr(&self) -> f64 {
+        DeviceTrainer::next_lr(self)
     }
 }

@@ -73,11 +73,10 @@ impl RawCell {
         let mut names: Vec<&str> = Vec::new();
         let mut unknown = 0usize;
         for (p, (g, x)) in genes.zip(counts).enumerate() {
-            let g = g
-                .ok_or_else(|| Error::new(Kind::NullValue, format!("genes[{}] is NULL", p + 1)))?;
-            let x = x.ok_or_else(|| {
-                Error::new(Kind::NullValue, format!("counts[{}] is NULL", p + 1))
-            })?;
+            let g =
+                g.ok_or_else(|| Error::new(Kind::NullValue, format!("genes[{}] is NULL", p + 1)))?;
+            let x =
+                x.ok_or_else(|| Error::new(Kind::NullValue, format!("counts[{}] is NULL", p + 1)))?;
             if !x.is_finite() || x < 0.0 {
                 return Err(Error::data(format!(
                     "counts[{}] = {x} for gene \"{g}\": counts must be finite and non-negative",
@@ -161,14 +160,24 @@ mod tests {
     #[test]
     fn every_bad_element_is_named() {
         let e = read(&[Some("A"), None], &[Some(1.0), Some(1.0)]).unwrap_err();
-        assert_eq!((e.kind, e.message.as_str()), (Kind::NullValue, "genes[2] is NULL"));
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (Kind::NullValue, "genes[2] is NULL")
+        );
         let e = read(&[Some("A")], &[None]).unwrap_err();
         assert_eq!(e.message, "counts[1] is NULL");
         let e = read(&[Some("A"), Some("B")], &[Some(1.0), Some(f32::NAN)]).unwrap_err();
         assert_eq!(e.kind, Kind::Data);
-        assert!(e.message.contains("counts[2] = NaN for gene \"B\""), "{}", e.message);
-        let e = read(&[Some("A"), Some("B"), Some("A")], &[Some(1.0), Some(1.0), Some(0.0)])
-            .unwrap_err();
+        assert!(
+            e.message.contains("counts[2] = NaN for gene \"B\""),
+            "{}",
+            e.message
+        );
+        let e = read(
+            &[Some("A"), Some("B"), Some("A")],
+            &[Some(1.0), Some(1.0), Some(0.0)],
+        )
+        .unwrap_err();
         assert_eq!(e.message, "gene \"A\" appears more than once in the cell");
         let e = Vocab::new(vec!["A".into(), "A".into()]).unwrap_err();
         assert!(e.message.contains("more than once in the vocabulary"));

@@ -10,13 +10,13 @@
 //!   names; [`load_checkpoint`] reads the published Lightning `.ckpt`,
 //!   [`load_safetensors`] / [`save_safetensors`] the bytes the SQL layer stores.
 //! * [`Exceiver`]: the fast CPU forward pass (`embed`, `predict`, `classify_logits`).
-//! * [`dense`]: a slow f64 reference evaluation used by the tests.
+//! * The slow f64 reference evaluation that the tests compare against lives with
+//!   them (`tests/common/dense.rs`); it is not part of the library.
 //!
 //! Formulas and parity tolerances: `fixtures/README.md`.
 
 pub mod cell;
 pub mod config;
-pub mod dense;
 pub mod forward;
 pub mod interpret;
 pub mod kernels;

@@ -22,10 +22,11 @@
 mod options;
 mod source;
 
-pub use options::{Options, CONTRASTIVE_HEAD, CONTRASTIVE_HEAD_OUT, KEYS, SMALL_CONTRASTIVE, SMALL_TOP_GENES};
+pub use options::{
+    Options, CONTRASTIVE_HEAD, CONTRASTIVE_HEAD_OUT, KEYS, SMALL_CONTRASTIVE, SMALL_TOP_GENES,
+};
 pub use source::{text_column, InMemory, Split};
 
-use crate::accel::AnyTrainer;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::cell::{RawCell, Vocab};
@@ -33,7 +34,8 @@ use crate::model::rng::Rng;
 use crate::model::{AttentionMode, Config, Params};
 use crate::preprocess::{HvgFit, Scaler, ScalerFit};
 use crate::train::{
-    init_for_scratch_training, mask_positions, n_mask_for, ProjectionHead, TrainCell, TrainOpts,
+    init_for_scratch_training, mask_positions, n_mask_for, ProjectionHead, Stepper, TrainCell,
+    TrainOpts,
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -430,7 +432,7 @@ struct Val {
 /// and, when training contrastively, the NT-Xent loss of fixed views.
 fn validate(
     src: &mut dyn CellSource,
-    trainer: &mut AnyTrainer,
+    trainer: &mut dyn Stepper,
     b: &Batcher,
     o: &Options,
     contrast: f64,
@@ -441,31 +443,36 @@ fn validate(
     let (mut se, mut base_se, mut ce, mut masked, mut cells) = (0.0f64, 0.0f64, 0.0f64, 0, 0);
     let (mut csum, mut cn) = (0.0f64, 0usize);
     let tau = o.contrastive_temperature;
-    src.scan(Pass::Validation, o.batch_size.max(64), &b.data.vocab, &mut |raw| {
-        if contrast > 0.0 {
-            let views = b.views(&raw, &mut vrng);
-            if views.len() >= 4 {
-                csum += trainer.eval_contrastive(&views, tau)? * views.len() as f64;
-                cn += views.len();
+    src.scan(
+        Pass::Validation,
+        o.batch_size.max(64),
+        &b.data.vocab,
+        &mut |raw| {
+            if contrast > 0.0 {
+                let views = b.views(&raw, &mut vrng);
+                if views.len() >= 4 {
+                    csum += trainer.eval_contrastive(&views, tau)? * views.len() as f64;
+                    cn += views.len();
+                }
             }
-        }
-        let batch = b.batch(&raw, &mut rng);
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let s = trainer.eval_stats(&batch)?;
-        se += s.mse * s.masked as f64;
-        ce += s.ce * s.cells as f64;
-        masked += s.masked;
-        cells += s.cells;
-        for tc in &batch {
-            for &p in &tc.mask {
-                let d = (b.data.baseline[tc.genes[p] as usize] - tc.values[p]) as f64;
-                base_se += d * d;
+            let batch = b.batch(&raw, &mut rng);
+            if batch.is_empty() {
+                return Ok(());
             }
-        }
-        progress.check()
-    })?;
+            let s = trainer.eval_stats(&batch)?;
+            se += s.mse * s.masked as f64;
+            ce += s.ce * s.cells as f64;
+            masked += s.masked;
+            cells += s.cells;
+            for tc in &batch {
+                for &p in &tc.mask {
+                    let d = (b.data.baseline[tc.genes[p] as usize] - tc.values[p]) as f64;
+                    base_se += d * d;
+                }
+            }
+            progress.check()
+        },
+    )?;
     let contrastive = if cn > 0 { csum / cn as f64 } else { f64::NAN };
     if masked == 0 {
         return Ok(Val {
@@ -500,7 +507,7 @@ struct Clock {
 #[allow(clippy::too_many_arguments)]
 fn epoch(
     src: &mut dyn CellSource,
-    trainer: &mut AnyTrainer,
+    trainer: &mut dyn Stepper,
     b: &Batcher,
     o: &Options,
     contrast: f64,
@@ -508,46 +515,55 @@ fn epoch(
     clock: &mut Clock,
     progress: &mut dyn Progress,
 ) -> Result<(f64, f64)> {
-    let mut rng = Rng::new(o.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64 + 1));
+    let mut rng = Rng::new(
+        o.seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(epoch as u64 + 1),
+    );
     let (mut loss_sum, mut loss_n, mut closs_sum) = (0.0f64, 0usize, 0.0f64);
     let tau = o.contrastive_temperature;
-    src.scan(Pass::Shuffled { epoch }, o.batch_size, &b.data.vocab, &mut |raw| {
-        let ts = Instant::now();
-        let (s, n_cells) = if contrast > 0.0 {
-            let views = b.views(&raw, &mut rng);
-            if views.len() < 4 {
-                return Ok(());
+    src.scan(
+        Pass::Shuffled { epoch },
+        o.batch_size,
+        &b.data.vocab,
+        &mut |raw| {
+            let ts = Instant::now();
+            let (s, n_cells) = if contrast > 0.0 {
+                let views = b.views(&raw, &mut rng);
+                if views.len() < 4 {
+                    return Ok(());
+                }
+                let (s, c) = trainer.train_step_contrastive(&views, tau, contrast)?;
+                closs_sum += c * (views.len() / 2) as f64;
+                (s, views.len() / 2)
+            } else {
+                let batch = b.batch(&raw, &mut rng);
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                (trainer.train_step(&batch)?, batch.len())
+            };
+            clock.train_time += ts.elapsed().as_secs_f64();
+            clock.step += 1;
+            clock.cells_seen += n_cells as u64;
+            loss_sum += s.loss * n_cells as f64;
+            loss_n += n_cells;
+            progress.check()?;
+            if clock.step % o.progress_every == 0 {
+                let el = clock.t0.elapsed().as_secs_f64();
+                progress.notice(&format!(
+                    "step {}/{} (epoch {}): train loss {:.4}, {:.1} cells/s, about {:.0} s left",
+                    clock.step,
+                    clock.total_steps,
+                    epoch + 1,
+                    loss_sum / loss_n.max(1) as f64,
+                    clock.cells_seen as f64 / el.max(1e-9),
+                    el / clock.step as f64 * clock.total_steps.saturating_sub(clock.step) as f64
+                ));
             }
-            let (s, c) = trainer.train_step_contrastive(&views, tau, contrast)?;
-            closs_sum += c * (views.len() / 2) as f64;
-            (s, views.len() / 2)
-        } else {
-            let batch = b.batch(&raw, &mut rng);
-            if batch.is_empty() {
-                return Ok(());
-            }
-            (trainer.train_step(&batch)?, batch.len())
-        };
-        clock.train_time += ts.elapsed().as_secs_f64();
-        clock.step += 1;
-        clock.cells_seen += n_cells as u64;
-        loss_sum += s.loss * n_cells as f64;
-        loss_n += n_cells;
-        progress.check()?;
-        if clock.step % o.progress_every == 0 {
-            let el = clock.t0.elapsed().as_secs_f64();
-            progress.notice(&format!(
-                "step {}/{} (epoch {}): train loss {:.4}, {:.1} cells/s, about {:.0} s left",
-                clock.step,
-                clock.total_steps,
-                epoch + 1,
-                loss_sum / loss_n.max(1) as f64,
-                clock.cells_seen as f64 / el.max(1e-9),
-                el / clock.step as f64 * clock.total_steps.saturating_sub(clock.step) as f64
-            ));
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     let n = loss_n.max(1) as f64;
     Ok((loss_sum / n, closs_sum / n))
 }
@@ -559,12 +575,19 @@ fn trainer_for(
     mut cfg: Config,
     data: &Data,
     contrast: f64,
-) -> Result<AnyTrainer> {
+) -> Result<Box<dyn Stepper>> {
     let o = task.opts;
     if let Some(l) = &task.labels {
         cfg.num_classes = Some(l.len());
     }
-    check_memory(task.model, &cfg, o, task.labels.is_some(), task.threads, &data.nnz)?;
+    check_memory(
+        task.model,
+        &cfg,
+        o,
+        task.labels.is_some(),
+        task.threads,
+        &data.nnz,
+    )?;
     let params = match start {
         Some(s) => s.params,
         None => {
@@ -588,7 +611,8 @@ fn trainer_for(
         ..TrainOpts::default()
     };
     let emb_len = cfg.embedding_len();
-    let mut trainer = AnyTrainer::new(cfg, params, data.scaler.zero_fill(), topts, task.device)?;
+    let mut trainer =
+        crate::accel::stepper(cfg, params, data.scaler.zero_fill(), topts, task.device)?;
     if contrast > 0.0 && o.contrastive_head > 0 {
         let head = ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?;
         trainer.set_projection_head(Some(head))?;
@@ -597,14 +621,22 @@ fn trainer_for(
 }
 
 /// Run the training session: see the module documentation.
-pub fn train(src: &mut dyn CellSource, mut task: Task, progress: &mut dyn Progress) -> Result<Trained> {
+pub fn train(
+    src: &mut dyn CellSource,
+    mut task: Task,
+    progress: &mut dyn Progress,
+) -> Result<Trained> {
     let o = task.opts;
     let t0 = Instant::now();
     let start = task.start.take();
     let (data, cfg) = prepare(src, o, start.as_ref(), progress)?;
     let classifier = task.labels.is_some();
     // contrastive views: plain Exceiver models only
-    let contrast = if classifier { 0.0 } else { o.contrastive.unwrap_or(0.0) };
+    let contrast = if classifier {
+        0.0
+    } else {
+        o.contrastive.unwrap_or(0.0)
+    };
     let mut trainer = trainer_for(&task, start, cfg, &data, contrast)?;
     let cfg = trainer.config().clone();
     let batcher = Batcher {
@@ -617,7 +649,15 @@ pub fn train(src: &mut dyn CellSource, mut task: Task, progress: &mut dyn Progre
     };
     let steps_per_epoch =
         ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64;
-    progress.notice(&start_line(&task, src, &data, &cfg, contrast, steps_per_epoch, &trainer));
+    progress.notice(&start_line(
+        &task,
+        src,
+        &data,
+        &cfg,
+        contrast,
+        steps_per_epoch,
+        trainer.as_ref(),
+    ));
     let mut clock = Clock {
         step: 0,
         total_steps: steps_per_epoch * o.epochs as u64,
@@ -629,12 +669,22 @@ pub fn train(src: &mut dyn CellSource, mut task: Task, progress: &mut dyn Progre
     let mut best: Option<(f64, Params)> = None;
     let (mut baseline_val, mut bad_epochs, mut epochs_done) = (f64::NAN, 0usize, 0usize);
     for e in 0..o.epochs {
-        let (train_loss, closs) =
-            epoch(src, &mut trainer, &batcher, o, contrast, e, &mut clock, progress)?;
-        let v = validate(src, &mut trainer, &batcher, o, contrast, progress)?;
+        let (train_loss, closs) = epoch(
+            src,
+            trainer.as_mut(),
+            &batcher,
+            o,
+            contrast,
+            e,
+            &mut clock,
+            progress,
+        )?;
+        let v = validate(src, trainer.as_mut(), &batcher, o, contrast, progress)?;
         baseline_val = v.base;
         epochs_done = e + 1;
-        history.push(history_entry(e, &clock, train_loss, closs, &v, classifier, contrast));
+        history.push(history_entry(
+            e, &clock, train_loss, closs, &v, classifier, contrast,
+        ));
         // the objective being minimised, on the validation cells
         let score = if classifier {
             v.mse + v.ce
@@ -646,7 +696,10 @@ pub fn train(src: &mut dyn CellSource, mut task: Task, progress: &mut dyn Progre
         let extra = if classifier {
             format!(", validation CE {:.4}", v.ce)
         } else if contrast > 0.0 {
-            format!(", contrastive loss {closs:.4} (validation {:.4})", v.contrastive)
+            format!(
+                ", contrastive loss {closs:.4} (validation {:.4})",
+                v.contrastive
+            )
         } else {
             String::new()
         };
@@ -720,13 +773,17 @@ fn start_line(
     cfg: &Config,
     contrast: f64,
     steps_per_epoch: u64,
-    trainer: &AnyTrainer,
+    trainer: &dyn Stepper,
 ) -> String {
     let o = task.opts;
     let n_params = trainer.params().map(|p| p.num_parameters(cfg)).unwrap_or(0);
     let contrastive = if contrast > 0.0 {
         let head = if o.contrastive_head > 0 {
-            format!("{} → {} → {CONTRASTIVE_HEAD_OUT}", cfg.embedding_len(), o.contrastive_head)
+            format!(
+                "{} → {} → {CONTRASTIVE_HEAD_OUT}",
+                cfg.embedding_len(),
+                o.contrastive_head
+            )
         } else {
             "none".to_string()
         };

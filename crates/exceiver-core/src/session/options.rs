@@ -150,7 +150,9 @@ fn int_opt(m: &Map<String, Value>, k: &str, lo: i64, hi: i64) -> Result<Option<i
         return Err(bad(format!("option \"{k}\" must be an integer, not {v}")));
     };
     if x < lo || x > hi {
-        return Err(bad(format!("option \"{k}\" = {x} is out of range {lo}..{hi}")));
+        return Err(bad(format!(
+            "option \"{k}\" = {x} is out of range {lo}..{hi}"
+        )));
     }
     Ok(Some(x))
 }
@@ -165,7 +167,9 @@ fn num_opt(m: &Map<String, Value>, k: &str, lo: f64, hi: f64) -> Result<Option<f
         return Err(bad(format!("option \"{k}\" must be a number, not {v}")));
     };
     if !(x >= lo && x <= hi) {
-        return Err(bad(format!("option \"{k}\" = {x} is out of range {lo}..{hi}")));
+        return Err(bad(format!(
+            "option \"{k}\" = {x} is out of range {lo}..{hi}"
+        )));
     }
     Ok(Some(x))
 }
@@ -182,7 +186,9 @@ fn bool_opt(m: &Map<String, Value>, k: &str) -> Result<Option<bool>> {
     let Some(v) = m.get(k) else { return Ok(None) };
     match v.as_bool() {
         Some(b) => Ok(Some(b)),
-        None => Err(bad(format!("option \"{k}\" must be true or false, not {v}"))),
+        None => Err(bad(format!(
+            "option \"{k}\" must be true or false, not {v}"
+        ))),
     }
 }
 
@@ -400,7 +406,10 @@ mod tests {
         assert_eq!(o.contrastive, Some(SMALL_CONTRASTIVE));
         assert_eq!(o.attention, Some(AttentionMode::ExpressedOnly));
         let p = Options::for_train(&json!({})).unwrap();
-        assert_eq!((p.learning_rate, p.warmup_steps, p.contrastive), (3e-4, 500, None));
+        assert_eq!(
+            (p.learning_rate, p.warmup_steps, p.contrastive),
+            (3e-4, 500, None)
+        );
         assert_eq!(p.config(100).unwrap().seq_len, 100);
     }
 
@@ -408,14 +417,28 @@ mod tests {
     fn bad_options_name_the_key_and_the_range() {
         let msg = |v: Value| Options::for_train(&v).unwrap_err().message;
         assert_eq!(msg(json!({"epoch": 1})), "unknown option \"epoch\"");
-        assert_eq!(msg(json!({"batch_size": 0})), "option \"batch_size\" = 0 is out of range 1..65536");
-        assert_eq!(msg(json!({"frac": "x"})), "option \"frac\" must be a number, not \"x\"");
-        assert_eq!(msg(json!({"standardize": 1})), "option \"standardize\" must be true or false, not 1");
+        assert_eq!(
+            msg(json!({"batch_size": 0})),
+            "option \"batch_size\" = 0 is out of range 1..65536"
+        );
+        assert_eq!(
+            msg(json!({"frac": "x"})),
+            "option \"frac\" must be a number, not \"x\""
+        );
+        assert_eq!(
+            msg(json!({"standardize": 1})),
+            "option \"standardize\" must be true or false, not 1"
+        );
         assert_eq!(msg(json!([])), "options must be a JSON object, not []");
         let e = Options::for_finetune(&json!({"contrastive": 1.0})).unwrap_err();
-        assert!(e.message.starts_with("option \"contrastive\" cannot be used with finetune"));
+        assert!(e
+            .message
+            .starts_with("option \"contrastive\" cannot be used with finetune"));
         assert!(Options::check_parent_keys(&json!({"seq_dim": 8})).is_err());
-        let e = Options::for_train(&json!({"seq_dim": 8, "query_dim": 16})).unwrap().config(10).unwrap_err();
+        let e = Options::for_train(&json!({"seq_dim": 8, "query_dim": 16}))
+            .unwrap()
+            .config(10)
+            .unwrap_err();
         assert_eq!(e.message, "seq_dim (8) and query_dim (16) must be equal");
     }
 }

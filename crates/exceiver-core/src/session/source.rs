@@ -95,11 +95,18 @@ impl<'a> InMemory<'a> {
             None => true,
         };
         let is_val = |c: usize| below(fnv(&m.barcodes[c], split.seed), split.val_fraction);
-        let mut train: Vec<usize> = by_id.iter().copied().filter(|&c| used(c) && !is_val(c)).collect();
+        let mut train: Vec<usize> = by_id
+            .iter()
+            .copied()
+            .filter(|&c| used(c) && !is_val(c))
+            .collect();
         if let Some(n) = split.max_cells {
             train.truncate(n);
         }
-        let val = by_id.into_iter().filter(|&c| used(c) && is_val(c)).collect();
+        let val = by_id
+            .into_iter()
+            .filter(|&c| used(c) && is_val(c))
+            .collect();
         Ok(InMemory {
             m,
             name: name.to_string(),

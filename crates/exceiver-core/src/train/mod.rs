@@ -431,6 +431,81 @@ impl Trainer {
     }
 }
 
+/// One optimiser step at a time, on some device: what the training session
+/// ([`crate::session`]) drives. The hand-written CPU [`Trainer`] and
+/// [`crate::accel::DeviceTrainer`] implement it with the same inputs, outputs and
+/// maths; [`crate::accel::stepper`] opens the one a [`crate::device::Device`] names.
+pub trait Stepper: std::fmt::Debug {
+    /// Forward, loss, backward and one Adam update on a batch.
+    fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats>;
+    /// [`Stepper::train_step`] plus the contrastive term on pairs of views (cells
+    /// 2i and 2i+1 are two views of one cell); returns the step's statistics and the
+    /// contrastive loss.
+    fn train_step_contrastive(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        weight: f64,
+    ) -> Result<(StepStats, f64)>;
+    /// The contrastive loss of pairs of views, without an update.
+    fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64>;
+    /// The projection head of the contrastive term (`None`: on the embeddings).
+    fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()>;
+    /// Loss of a batch, without an update.
+    fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats>;
+    /// `eval_stats(cells)?.loss`.
+    fn eval_loss(&mut self, cells: &[TrainCell]) -> Result<f64> {
+        Ok(self.eval_stats(cells)?.loss)
+    }
+    /// The current weights (borrowed on the CPU, a copy from a GPU).
+    fn params(&self) -> Result<std::borrow::Cow<'_, Params>>;
+    /// The trained weights.
+    fn into_params(self: Box<Self>) -> Result<Params>;
+    fn config(&self) -> &Config;
+    /// Updates done so far.
+    fn steps_done(&self) -> u64;
+    /// The learning rate the next step will use.
+    fn next_lr(&self) -> f64;
+}
+
+impl Stepper for Trainer {
+    fn train_step(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        Trainer::train_step(self, cells)
+    }
+    fn train_step_contrastive(
+        &mut self,
+        views: &[TrainCell],
+        tau: f64,
+        weight: f64,
+    ) -> Result<(StepStats, f64)> {
+        Trainer::train_step_contrastive(self, views, tau, weight)
+    }
+    fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64> {
+        Trainer::eval_contrastive(self, views, tau)
+    }
+    fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
+        Trainer::set_projection_head(self, head)
+    }
+    fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
+        Trainer::eval_stats(self, cells)
+    }
+    fn params(&self) -> Result<std::borrow::Cow<'_, Params>> {
+        Ok(std::borrow::Cow::Borrowed(Trainer::params(self)))
+    }
+    fn into_params(self: Box<Self>) -> Result<Params> {
+        Ok(Trainer::into_params(*self))
+    }
+    fn config(&self) -> &Config {
+        Trainer::config(self)
+    }
+    fn steps_done(&self) -> u64 {
+        Trainer::steps_done(self)
+    }
+    fn next_lr(&self) -> f64 {
+        Trainer::next_lr(self)
+    }
+}
+
 /// Loss and gradients (`∂loss/∂param` for every tensor, reference names via
 /// [`Params::visit`]) of a batch, on `threads` threads (0: all cores). The mask
 /// token's gradient row is zero.

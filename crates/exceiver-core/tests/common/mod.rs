@@ -1,6 +1,8 @@
 //! Shared by the core's integration tests: reading the reference fixtures.
 #![allow(dead_code)]
 
+pub mod dense;
+
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 

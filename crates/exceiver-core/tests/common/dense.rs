@@ -2,11 +2,12 @@
 //! the G vocabulary genes is a key of every cell (as the reference feeds them), the
 //! formulas are those of `fixtures/README.md` written out directly (no factoring, no
 //! precomputed sums). Proves that the fast O(expressed genes) evaluation in
-//! [`super::forward`] computes the same function.
+//! `exceiver_core::model::forward` (and the training forward of `train::grad`) compute
+//! the same function. Test code: it lives with the tests, not in the library.
 
-use super::config::{AttentionMode, Config};
-use super::weights::{CrossAttnParams, HeadParams, LayerNorm, Linear, Mha, Params};
-use crate::error::{Error, Result};
+use exceiver_core::error::{Error, Result};
+use exceiver_core::model::{AttentionMode, Config};
+use exceiver_core::model::{CrossAttnParams, HeadParams, LayerNorm, Linear, Mha, Params};
 
 /// Everything the dense evaluation computes for one cell.
 #[derive(Debug, Clone)]
