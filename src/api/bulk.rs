@@ -256,3 +256,132 @@ fn embed_table(
     let s = start.elapsed().as_secs_f64();
     TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
 }
+
+/// Embeddings read from a table: one row per cell with a non-NULL embedding (and, when
+/// a label column is given, a non-NULL label), in `cell_id` order.
+pub(crate) struct Embeddings {
+    pub ids: Vec<String>,
+    /// The label column's values as text (empty without a label column).
+    pub labels: Vec<String>,
+    /// Row-major, `ids.len() × dim`.
+    pub data: Vec<f32>,
+    pub dim: usize,
+}
+
+/// Read `cell_id` and the embeddings in `column` (a pgvector `vector` or a `real[]`)
+/// of `rel` (a name from [`relation_name`]; call with the search path pinned), and the
+/// text of `label` when given, through a cursor. Rows with a NULL embedding or label
+/// are skipped with a NOTICE; embeddings of different lengths, NULL elements,
+/// non-finite values and, with `refuse_zero` (its hint), zero vectors (no cosine
+/// distance) are
+/// errors naming the cell. The memory is checked against `exceiver.max_memory` as the
+/// rows arrive; interrupts are checked between fetches.
+pub(crate) fn read_embeddings(
+    rel: &str,
+    column: &str,
+    label: Option<&str>,
+    refuse_zero: Option<&str>,
+) -> Embeddings {
+    gucs::apply_limits();
+    let col = quote_ident(column);
+    let lab = label.map_or("NULL::text".to_string(), |l| {
+        format!("{}::text", quote_ident(l))
+    });
+    let (e, null_emb, null_label) = Spi::connect(|c| {
+        let mut e = Embeddings {
+            ids: Vec::new(),
+            labels: Vec::new(),
+            data: Vec::new(),
+            dim: 0,
+        };
+        let (mut null_emb, mut null_label) = (0i64, 0i64);
+        let mut bytes = 0u128;
+        let mut cur = c.try_open_cursor(
+            &format!("SELECT cell_id::text, {col}::real[], {lab} FROM {rel} ORDER BY cell_id"),
+            &[],
+        )?;
+        loop {
+            let rows = cur.fetch(1024)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let id = row.get::<String>(1)?.unwrap_or_default();
+                let Some(v) = row.get::<Vec<Option<f32>>>(2)? else {
+                    null_emb += 1;
+                    continue;
+                };
+                let l = row.get::<String>(3)?;
+                if label.is_some() && l.is_none() {
+                    null_label += 1;
+                    continue;
+                }
+                check_embedding(&id, &v, &mut e.dim, e.ids.is_empty(), refuse_zero);
+                bytes += (v.len() * 4 + id.len() + l.as_ref().map_or(0, |s| s.len()) + 48) as u128;
+                exceiver_core::limits::check_bytes(
+                    bytes,
+                    &format!("reading the embeddings of {rel}"),
+                )
+                .or_raise();
+                e.data.extend(v.into_iter().flatten());
+                e.ids.push(id);
+                if let Some(l) = l {
+                    e.labels.push(l);
+                }
+            }
+            check_for_interrupts!();
+        }
+        Ok::<_, SpiError>((e, null_emb, null_label))
+    })
+    .or_raise();
+    if null_emb > 0 {
+        notice!("{null_emb} cells of {rel} with a NULL embedding were skipped");
+    }
+    if null_label > 0 {
+        notice!("{null_label} cells of {rel} with a NULL label were skipped");
+    }
+    if e.dim == 0 && !e.ids.is_empty() {
+        raise(Error::data(format!(
+            "the embeddings in \"{column}\" of {rel} are empty"
+        )));
+    }
+    e
+}
+
+fn check_embedding(
+    id: &str,
+    v: &[Option<f32>],
+    dim: &mut usize,
+    first: bool,
+    refuse_zero: Option<&str>,
+) {
+    if first {
+        *dim = v.len();
+    } else if v.len() != *dim {
+        raise(Error::shape(format!(
+            "embedding of cell \"{id}\" has {} dimensions, the first one {dim}",
+            v.len()
+        )));
+    }
+    if v.iter().any(Option::is_none) {
+        raise(Error::new(
+            Kind::NullValue,
+            format!("embedding of cell \"{id}\" has a NULL element"),
+        ));
+    }
+    if let Some(x) = v.iter().flatten().find(|x| !x.is_finite()) {
+        raise(Error::data(format!(
+            "embedding of cell \"{id}\" has a non-finite value {x}"
+        )));
+    }
+    if let Some(hint) = refuse_zero {
+        if v.iter().flatten().all(|&x| x == 0.0) {
+            raise(
+                Error::data(format!(
+                    "embedding of cell \"{id}\" is a zero vector, for which cosine distance is undefined"
+                ))
+                .with_hint(hint),
+            );
+        }
+    }
+}

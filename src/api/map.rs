@@ -3,7 +3,7 @@
 //! as a PNG scatter coloured by a label column, and `exceiver.save_png` writes a PNG
 //! on the server.
 
-use crate::api::bulk::{column_type, relation_name};
+use crate::api::bulk::{column_type, read_embeddings, relation_name};
 use crate::api::load::quote_ident;
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
@@ -66,7 +66,7 @@ fn map_options(v: &Value) -> MapOptions {
     o
 }
 
-fn require_column(rel: &str, col: &str) -> String {
+pub(crate) fn require_column(rel: &str, col: &str) -> String {
     column_type(rel, col).unwrap_or_else(|| {
         raise_code(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -99,72 +99,14 @@ fn embedding_map(
         );
     }
     let t0 = Instant::now();
-    let col = quote_ident(embedding_column);
-    let cosine = opts.metric == Metric::Cosine;
-    let (ids, data, dim, nulls) = Spi::connect(|c| {
-        let mut ids: Vec<String> = Vec::new();
-        let mut data: Vec<f32> = Vec::new();
-        let mut dim = 0usize;
-        let mut nulls = 0i64;
-        let mut cur = c.try_open_cursor(
-            &format!("SELECT cell_id::text, {col}::real[] FROM {rel} ORDER BY cell_id"),
-            &[],
-        )?;
-        loop {
-            let rows = cur.fetch(1024)?;
-            if rows.is_empty() {
-                break;
-            }
-            for row in rows {
-                let id = row.get::<String>(1)?.unwrap_or_default();
-                let Some(v) = row.get::<Vec<Option<f32>>>(2)? else {
-                    nulls += 1;
-                    continue;
-                };
-                if ids.is_empty() {
-                    dim = v.len();
-                } else if v.len() != dim {
-                    raise(Error::shape(format!(
-                        "embedding of cell \"{id}\" has {} dimensions, the first one {dim}",
-                        v.len()
-                    )));
-                }
-                if v.iter().any(Option::is_none) {
-                    raise(Error::new(
-                        exceiver_core::Kind::NullValue,
-                        format!("embedding of cell \"{id}\" has a NULL element"),
-                    ));
-                }
-                let v: Vec<f32> = v.into_iter().flatten().collect();
-                if let Some(x) = v.iter().find(|x| !x.is_finite()) {
-                    raise(Error::data(format!(
-                        "embedding of cell \"{id}\" has a non-finite value {x}"
-                    )));
-                }
-                if cosine && v.iter().all(|&x| x == 0.0) {
-                    raise(
-                        Error::data(format!(
-                            "embedding of cell \"{id}\" is a zero vector, for which cosine distance is undefined"
-                        ))
-                        .with_hint("Leave zero vectors out, or use the option \"metric\": \"euclidean\"."),
-                    );
-                }
-                data.extend(v);
-                ids.push(id);
-            }
-            check_for_interrupts!();
-        }
-        Ok::<_, pgrx::spi::SpiError>((ids, data, dim, nulls))
-    })
-    .or_raise();
-    if nulls > 0 {
-        notice!("{nulls} cells with a NULL embedding were skipped");
-    }
-    if dim == 0 && !ids.is_empty() {
-        raise(Error::data(format!(
-            "the embeddings in \"{embedding_column}\" of {rel} are empty"
-        )));
-    }
+    let e = read_embeddings(
+        &rel,
+        embedding_column,
+        None,
+        (opts.metric == Metric::Cosine)
+            .then_some("Leave zero vectors out, or use the option \"metric\": \"euclidean\"."),
+    );
+    let (ids, data, dim) = (e.ids, e.data, e.dim);
     let n = ids.len();
     notice!(
         "mapping {n} embeddings of {dim} dimensions ({} neighbours, {} epochs)",

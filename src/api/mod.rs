@@ -5,5 +5,6 @@ pub mod evaluate;
 pub mod infer;
 pub mod load;
 pub mod map;
+pub mod mapping;
 pub mod model;
 pub mod train;

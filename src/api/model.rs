@@ -233,7 +233,14 @@ pub(crate) fn cell_input_iter<'a>(
     }
     let mut out_g = Vec::new();
     let mut out_v = Vec::new();
-    normalize_cell_into(&cell.genes, &cell.counts, Some(cell.total), &m.scaler, &mut out_g, &mut out_v)?;
+    normalize_cell_into(
+        &cell.genes,
+        &cell.counts,
+        Some(cell.total),
+        &m.scaler,
+        &mut out_g,
+        &mut out_v,
+    )?;
     if out_g.is_empty() {
         return Err(Error::invalid(
             "the cell has no non-zero counts on the model's genes",

@@ -88,7 +88,11 @@ fn fetch_cells(
         let id: String = r.get(1).map_err(spi)?.unwrap_or_default();
         let genes: Option<Array<&str>> = r.get(2).map_err(spi)?;
         let counts: Option<Array<f32>> = r.get(3).map_err(spi)?;
-        let label: Option<String> = if with_label { r.get(4).map_err(spi)? } else { None };
+        let label: Option<String> = if with_label {
+            r.get(4).map_err(spi)?
+        } else {
+            None
+        };
         let (Some(genes), Some(counts)) = (genes, counts) else {
             continue;
         };
@@ -372,8 +376,14 @@ fn finetune(
         notice!("{n} cells with a NULL \"{label_column}\" are skipped");
     }
     let base = start_of(&get_model(base_model));
-    let start = session::classifier_start(&base, labels.len(), opts.attention, opts.seed, opts.init_random)
-        .or_raise();
+    let start = session::classifier_start(
+        &base,
+        labels.len(),
+        opts.attention,
+        opts.seed,
+        opts.init_random,
+    )
+    .or_raise();
     let n_classes = labels.len() as i32;
     let t = train_and_store(
         new_model,

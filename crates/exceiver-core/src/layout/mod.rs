@@ -28,12 +28,13 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::model::rng::Rng;
-use std::str::FromStr;
 
 mod graph;
 mod init;
 mod neighbours;
 mod optimize;
+
+pub use crate::knn::Metric;
 
 use graph::fuzzy_graph;
 use init::pca_init;
@@ -54,37 +55,6 @@ const NEGATIVE_SAMPLE_RATE: f64 = 5.0;
 
 /// Gradient clip (umap-learn's `clip`).
 const CLIP: f32 = 4.0;
-
-/// Distance between two points in the input space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    /// `1 − cos(x, y)`; zero vectors are errors. The usual choice for embeddings.
-    Cosine,
-    /// `‖x − y‖`.
-    Euclidean,
-}
-
-impl Metric {
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Cosine => "cosine",
-            Metric::Euclidean => "euclidean",
-        }
-    }
-}
-
-impl FromStr for Metric {
-    type Err = Error;
-    /// `cosine` or `euclidean`, in any case, surrounding blanks ignored.
-    fn from_str(s: &str) -> Result<Metric> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "cosine" => Ok(Metric::Cosine),
-            "euclidean" | "l2" => Ok(Metric::Euclidean),
-            _ => Err(Error::invalid(format!("unknown metric \"{s}\""))
-                .with_hint("use \"cosine\" or \"euclidean\"")),
-        }
-    }
-}
 
 /// Options of [`umap_2d`]; `MapOptions::default()` gives umap-learn's defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,25 +255,7 @@ fn check_input(data: &[f32], n: usize, dim: usize, opts: &MapOptions) -> Result<
 /// largest absolute value, so that squared distances cannot overflow. UMAP does not
 /// change when all distances are scaled alike: ρ and σ scale with them.
 fn prepare_points(data: &[f32], dim: usize, metric: Metric) -> Vec<f32> {
-    match metric {
-        Metric::Cosine => {
-            let mut out = Vec::with_capacity(data.len());
-            for row in data.chunks_exact(dim) {
-                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                out.extend(row.iter().map(|&v| (v as f64 / norm) as f32));
-            }
-            out
-        }
-        Metric::Euclidean => {
-            let max = data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            if max == 0.0 {
-                return data.to_vec();
-            }
-            data.iter()
-                .map(|&v| (v as f64 / max as f64) as f32)
-                .collect()
-        }
-    }
+    crate::knn::prepare(data, dim, metric)
 }
 
 #[cfg(test)]
