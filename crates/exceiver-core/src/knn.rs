@@ -49,10 +49,16 @@ pub struct Knn {
 
 /// Multiply-adds per thread between two progress reports (about 0.1 s).
 pub const BATCH_WORK: usize = 1 << 30;
-/// Candidate rows per cache block.
-const CAND_BLOCK: usize = 256;
+/// Bytes of candidate rows per cache block (about half of a core's L2): every query of
+/// a query block is compared with the block's candidates while they stay in cache.
+const CAND_BLOCK_BYTES: usize = 256 << 10;
 /// Query rows per cache block.
-const QUERY_BLOCK: usize = 16;
+const QUERY_BLOCK: usize = 64;
+
+/// Candidate rows per cache block for rows of `dim` floats (16 to 256).
+fn cand_block(dim: usize) -> usize {
+    (CAND_BLOCK_BYTES / (4 * dim.max(1))).clamp(16, 256)
+}
 
 /// Rows of `data` (`dim` columns) as the distance kernels want them: unit vectors for
 /// cosine; for Euclidean, scaled by the largest absolute value (which keeps the order
@@ -178,9 +184,10 @@ impl Rows<'_> {
         let (dim, k) = (self.dim, self.k);
         let n = self.cands.len() / dim;
         let m = idx_out.len() / k;
-        let mut block = vec![0f32; QUERY_BLOCK * CAND_BLOCK];
-        for c0 in (0..n).step_by(CAND_BLOCK) {
-            let c1 = (c0 + CAND_BLOCK).min(n);
+        let cb = cand_block(dim);
+        let mut block = vec![0f32; QUERY_BLOCK * cb];
+        for c0 in (0..n).step_by(cb) {
+            let c1 = (c0 + cb).min(n);
             let cands = &self.cands[c0 * dim..c1 * dim];
             for b0 in (0..m).step_by(QUERY_BLOCK) {
                 let b1 = (b0 + QUERY_BLOCK).min(m);

@@ -13,7 +13,7 @@
 //!   larger than that of all but a fraction of the reference's own cells: the threshold
 //!   is the `distance_quantile` quantile (default 0.99) of the same statistic computed,
 //!   leaving each cell out, on a sample of `calibration_cells` reference cells
-//!   (default 2,000, seeded). Cells of a type the reference lacks sit far from every
+//!   (default 1,000, seeded). Cells of a type the reference lacks sit far from every
 //!   reference cell, whatever the vote says; or
 //! * its confidence is below `min_confidence` (default 0.5): the neighbours disagree.
 //!
@@ -29,7 +29,7 @@ use crate::model::rng::Rng;
 pub const DEFAULT_K: usize = 15;
 pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.5;
 pub const DEFAULT_DISTANCE_QUANTILE: f64 = 0.99;
-pub const DEFAULT_CALIBRATION_CELLS: usize = 2000;
+pub const DEFAULT_CALIBRATION_CELLS: usize = 1000;
 
 /// How labels are transferred (see the module doc).
 #[derive(Debug, Clone, PartialEq)]
