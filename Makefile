@@ -80,11 +80,11 @@ psql:
 # the copies the README links, when a change deserves new published figures.
 demo: db check-access
 	mkdir -p $(DEMO_OUT)
-	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(DEMO_OUT)/demo_results.txt -v png=$(DEMO_OUT)/pbmc3k_map.png -f scripts/demo.sql
+	$(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -v data=$(CURDIR)/data -v results=$(DEMO_OUT)/demo_results.txt -v png=$(DEMO_OUT)/pbmc3k_map.png -v png2=$(DEMO_OUT)/pbmc3k_transfer.png -f scripts/demo.sql
 
 demo-publish:
 	@test -s $(DEMO_OUT)/demo_results.txt -a -s $(DEMO_OUT)/pbmc3k_map.png || { echo "make demo-publish: run make demo first"; exit 1; }
-	cp $(DEMO_OUT)/demo_results.txt $(DEMO_OUT)/pbmc3k_map.png results/
+	cp $(DEMO_OUT)/demo_results.txt $(DEMO_OUT)/pbmc3k_map.png $(DEMO_OUT)/pbmc3k_transfer.png results/
 
 test-core:
 	cargo test -p exceiver-core

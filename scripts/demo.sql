@@ -4,7 +4,9 @@
 --   with HNSW indexes; nearest neighbours; judge the embedding against published labels
 --   beside a random-weights baseline; transfer to predicting IFN-beta stimulation with
 --   and without pretraining, with 1%, 10% and 100% of the labels.
--- Variables (psql -v): data (folder), results (output file), png (map picture),
+--   Map PBMC 3k onto Kang (reference mapping): transfer Kang's cell_type labels with
+--   confidence and unknown, and check that a cell type the reference lacks is unknown.
+-- Variables (psql -v): data (folder), results (output file), png and png2 (map pictures),
 -- train_opts (jsonb). Both outputs are written by the client (psql), never by the server.
 \set ON_ERROR_STOP 1
 \pset footer off
@@ -17,7 +19,7 @@
   \set ft_opts '{"learning_rate": 0.003, "warmup_steps": 10}'
 \endif
 SET client_min_messages = notice;
-DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results;
+DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results, kang_ref, kang_ref_no_b, label_map, pbmc_transfer, pbmc_transfer_no_b, pbmc_transfer_map;
 SELECT exceiver.drop_model(name) FROM exceiver.models WHERE name LIKE 'demo\_%';
 CREATE TABLE demo_results (step int, what text, value text);
 
@@ -129,6 +131,62 @@ SELECT frac * 100 || '%' AS labels_used,
 FROM stim_acc GROUP BY frac ORDER BY frac;
 INSERT INTO demo_results SELECT 5, 'stim test accuracy, ' || (frac * 100) || '% labels, ' || init, test_accuracy::text
 FROM stim_acc ORDER BY frac, init;
+
+\echo
+\echo '== 6. Reference mapping: transfer Kang''s cell_type labels onto PBMC 3k'
+-- Kang's cells (training and test) embedded by the same model are the reference.
+SET client_min_messages = warning;
+SELECT cells FROM exceiver.embed_table('demo_kang', 'kang', 'emb');
+SET client_min_messages = notice;
+CREATE TABLE kang_ref AS SELECT cell_id, emb, cell_type FROM kang;
+SELECT cell_type, count(*) AS reference_cells FROM kang_ref GROUP BY 1 ORDER BY 2 DESC;
+-- How the two annotations name the same types (PBMC 3k's Platelet has no Kang
+-- counterpart: those cells should come out unknown; Kang's 'T' has no PBMC 3k one).
+CREATE TABLE label_map (seurat_annotations text PRIMARY KEY, cell_type text);
+INSERT INTO label_map VALUES ('B', 'B'), ('CD14+ Mono', 'CD14+ Monocytes'), ('FCGR3A+ Mono', 'CD16+ Monocytes'),
+  ('Naive CD4 T', 'CD4+ T cells'), ('Memory CD4 T', 'CD4+ T cells'), ('CD8 T', 'CD8+ T cells'),
+  ('NK', 'NK cells'), ('DC', 'DC'), ('Platelet', NULL);
+\timing on
+CREATE TABLE pbmc_transfer AS SELECT * FROM exceiver.transfer_labels('pbmc3k', 'kang_ref', 'cell_type', 'emb', 15);
+\timing off
+CREATE TEMP VIEW transfer_scored AS
+SELECT p.seurat_annotations, m.cell_type AS expected, t.*
+FROM pbmc_transfer t JOIN pbmc3k p USING (cell_id) LEFT JOIN label_map m USING (seurat_annotations)
+WHERE p.seurat_annotations IS NOT NULL;
+SELECT seurat_annotations, expected, count(*) AS cells,
+       round(avg((label = expected)::int)::numeric, 3) AS right_label,
+       round(avg((label = 'unknown')::int)::numeric, 3) AS unknown,
+       round(avg((label <> 'unknown' AND label IS DISTINCT FROM expected)::int)::numeric, 3) AS wrong_label,
+       round(avg(confidence)::numeric, 3) AS mean_confidence
+FROM transfer_scored GROUP BY 1, 2 ORDER BY 1;
+INSERT INTO demo_results
+SELECT 6, 'transfer Kang cell_type -> pbmc3k: accuracy of assigned cells (types both have)',
+       round(avg((label = expected)::int)::numeric, 3) || ' of ' || count(*) || ' cells'
+FROM transfer_scored WHERE expected IS NOT NULL AND label <> 'unknown' UNION ALL
+SELECT 6, 'transfer Kang cell_type -> pbmc3k: unknown (types both have)',
+       round(avg((label = 'unknown')::int)::numeric, 3)::text FROM transfer_scored WHERE expected IS NOT NULL UNION ALL
+SELECT 6, 'transfer Kang cell_type -> pbmc3k: unknown (Platelet, not in Kang)',
+       round(avg((label = 'unknown')::int)::numeric, 3) || ' of ' || count(*) || ' cells' FROM transfer_scored WHERE seurat_annotations = 'Platelet';
+\echo '-- held out: the reference without its B cells; PBMC 3k''s B cells should come out unknown'
+CREATE TABLE kang_ref_no_b AS SELECT * FROM kang_ref WHERE cell_type <> 'B';
+CREATE TABLE pbmc_transfer_no_b AS SELECT * FROM exceiver.transfer_labels('pbmc3k', 'kang_ref_no_b', 'cell_type', 'emb', 15);
+SELECT p.seurat_annotations = 'B' AS pbmc3k_b_cell, t.status, count(*) AS cells
+FROM pbmc_transfer_no_b t JOIN pbmc3k p USING (cell_id) WHERE p.seurat_annotations IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2;
+INSERT INTO demo_results
+SELECT 6, 'transfer without Kang''s B cells: pbmc3k B cells called unknown',
+       round(avg((t.label = 'unknown')::int)::numeric, 3) || ' of ' || count(*)
+FROM pbmc_transfer_no_b t JOIN pbmc3k p USING (cell_id) WHERE p.seurat_annotations = 'B' UNION ALL
+SELECT 6, 'transfer without Kang''s B cells: other pbmc3k cells called unknown',
+       round(avg((t.label = 'unknown')::int)::numeric, 3) || ' of ' || count(*)
+FROM pbmc_transfer_no_b t JOIN pbmc3k p USING (cell_id) WHERE p.seurat_annotations IS NOT NULL AND p.seurat_annotations <> 'B';
+-- the map coloured by transferred label
+CREATE TABLE pbmc_transfer_map AS SELECT m.cell_id, m.x, m.y, t.label AS transferred_label
+FROM pbmc_map m JOIN pbmc_transfer t USING (cell_id);
+SELECT lo_from_bytea(0, exceiver.map_png('pbmc_transfer_map', 'transferred_label',
+         'PBMC 3k, cell types transferred from Kang (exceiver.transfer_labels)')) AS png2_oid \gset
+\lo_export :png2_oid :png2
+SELECT lo_unlink(:png2_oid) AS png_large_object_removed;
+INSERT INTO demo_results SELECT 6, 'pbmc3k map coloured by transferred label, PNG', :'png2';
 
 \echo
 \echo '== Results'
