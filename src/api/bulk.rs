@@ -274,8 +274,8 @@ pub(crate) struct Embeddings {
 /// are skipped with a NOTICE; embeddings of different lengths, NULL elements,
 /// non-finite values and, with `refuse_zero` (its hint), zero vectors (no cosine
 /// distance) are
-/// errors naming the cell. The memory is checked against `exceiver.max_memory` as the
-/// rows arrive; interrupts are checked between fetches.
+/// errors naming the cell. The memory is checked against `exceiver.max_memory` after
+/// each fetch of 1,024 rows; interrupts are checked between fetches.
 pub(crate) fn read_embeddings(
     rel: &str,
     column: &str,
@@ -318,17 +318,15 @@ pub(crate) fn read_embeddings(
                 }
                 check_embedding(&id, &v, &mut e.dim, e.ids.is_empty(), refuse_zero);
                 bytes += (v.len() * 4 + id.len() + l.as_ref().map_or(0, |s| s.len()) + 48) as u128;
-                exceiver_core::limits::check_bytes(
-                    bytes,
-                    &format!("reading the embeddings of {rel}"),
-                )
-                .or_raise();
                 e.data.extend(v.into_iter().flatten());
                 e.ids.push(id);
                 if let Some(l) = l {
                     e.labels.push(l);
                 }
             }
+            // checked once a fetch: past the limit by at most one batch of rows
+            exceiver_core::limits::check_bytes(bytes, &format!("reading the embeddings of {rel}"))
+                .or_raise();
             check_for_interrupts!();
         }
         Ok::<_, SpiError>((e, null_emb, null_label))

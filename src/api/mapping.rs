@@ -36,7 +36,7 @@ fn transfer_options(v: &Value, k: i32) -> TransferOptions {
         bad(format!("unknown option \"{key}\""));
     }
     if k < 1 {
-        bad(format!("k = {k} must be at least 1"));
+        raise(Error::invalid(format!("k = {k} must be at least 1")));
     }
     let num = |key: &str| -> Option<f64> {
         let v = m.get(key)?;
@@ -54,7 +54,7 @@ fn transfer_options(v: &Value, k: i32) -> TransferOptions {
         }
     };
     let d = TransferOptions::default();
-    TransferOptions {
+    let o = TransferOptions {
         k: k as usize,
         min_confidence: num("min_confidence").unwrap_or(d.min_confidence),
         distance_quantile: num("distance_quantile").unwrap_or(d.distance_quantile),
@@ -62,7 +62,10 @@ fn transfer_options(v: &Value, k: i32) -> TransferOptions {
             .map_or(d.calibration_cells, |x| x as usize),
         seed: int("seed", 0, i64::MAX).map_or(d.seed, |x| x as u64),
         threads: gucs::threads(),
-    }
+    };
+    // ranges now, before the tables are read; k against the reference once it is
+    o.check_ranges().or_raise();
+    o
 }
 
 fn check_embedding_column(rel: &str, col: &str) {

@@ -59,12 +59,18 @@ impl Default for TransferOptions {
 impl TransferOptions {
     /// Check the options against a reference of `n_ref` cells.
     pub fn validate(&self, n_ref: usize) -> Result<()> {
+        self.check_ranges()?;
         if self.k == 0 || self.k >= n_ref {
             return Err(Error::invalid(format!(
                 "k = {} must be at least 1 and less than the reference's {n_ref} labelled cells",
                 self.k
             )));
         }
+        Ok(())
+    }
+
+    /// Check the options that do not depend on the reference.
+    pub fn check_ranges(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.min_confidence) {
             return Err(Error::invalid(format!(
                 "min_confidence = {} must be between 0 and 1",
