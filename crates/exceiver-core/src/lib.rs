@@ -11,6 +11,7 @@ pub mod knn;
 pub mod layout;
 pub mod limits;
 pub mod mapping;
+pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod preprocess;

@@ -6,10 +6,10 @@ use super::*;
 
 /// The symmetric graph as a list of directed edges (each undirected edge twice),
 /// ordered by (head, tail).
-pub(super) struct Graph {
-    pub(super) head: Vec<u32>,
-    pub(super) tail: Vec<u32>,
-    pub(super) weight: Vec<f32>,
+pub(crate) struct Graph {
+    pub(crate) head: Vec<u32>,
+    pub(crate) tail: Vec<u32>,
+    pub(crate) weight: Vec<f32>,
 }
 
 /// ρ and σ of one point from `row`, its sorted distances to its neighbours with the
@@ -50,7 +50,7 @@ pub(super) fn smooth_knn(row: &[f64], n_neighbors: usize, mean_all: f64) -> (f64
     (rho, mid.max(floor))
 }
 
-pub(super) fn fuzzy_graph(knn: &Knn, n: usize) -> Graph {
+pub(crate) fn fuzzy_graph(knn: &Knn, n: usize) -> Graph {
     let k = knn.k;
     let n_neighbors = k + 1;
     let mean_all =

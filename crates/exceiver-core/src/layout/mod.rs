@@ -29,7 +29,7 @@
 use crate::error::{Error, Kind, Result};
 use crate::model::rng::Rng;
 
-mod graph;
+pub(crate) mod graph;
 mod init;
 mod neighbours;
 mod optimize;
