@@ -257,12 +257,14 @@ fn embed_table(
     TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
 }
 
-/// Embeddings read from a table: one row per cell with a non-NULL embedding (and, when
-/// a label column is given, a non-NULL label), in `cell_id` order.
+/// Embeddings read from a table: one row per cell with a non-NULL embedding (and
+/// non-NULL values in the label columns asked for), in `cell_id` order (physical order
+/// where the table has no `cell_id`).
 pub(crate) struct Embeddings {
+    /// `cell_id`, or the row's `ctid` where the table has no `cell_id` column.
     pub ids: Vec<String>,
-    /// The label column's values as text (empty without a label column).
-    pub labels: Vec<String>,
+    /// The label columns' values as text, one vector per column asked for.
+    pub labels: Vec<Vec<String>>,
     /// Row-major, `ids.len() × dim`.
     pub data: Vec<f32>,
     pub dim: usize,
@@ -270,58 +272,71 @@ pub(crate) struct Embeddings {
 
 /// Read `cell_id` and the embeddings in `column` (a pgvector `vector` or a `real[]`)
 /// of `rel` (a name from [`relation_name`]; call with the search path pinned), and the
-/// text of `label` when given, through a cursor. Rows with a NULL embedding or label
-/// are skipped with a NOTICE; embeddings of different lengths, NULL elements,
+/// text of each column of `labels`, through a cursor. Rows with a NULL embedding or
+/// label are skipped with a NOTICE; embeddings of different lengths, NULL elements,
 /// non-finite values and, with `refuse_zero` (its hint), zero vectors (no cosine
-/// distance) are
-/// errors naming the cell. The memory is checked against `exceiver.max_memory` after
-/// each fetch of 1,024 rows; interrupts are checked between fetches.
+/// distance) are errors naming the cell. The memory is checked against
+/// `exceiver.max_memory` after each fetch of 1,024 rows; interrupts are checked between
+/// fetches.
 pub(crate) fn read_embeddings(
     rel: &str,
     column: &str,
-    label: Option<&str>,
+    labels: &[&str],
     refuse_zero: Option<&str>,
 ) -> Embeddings {
     gucs::apply_limits();
     let col = quote_ident(column);
-    let lab = label.map_or("NULL::text".to_string(), |l| {
-        format!("{}::text", quote_ident(l))
-    });
+    let id = if column_type(rel, "cell_id").is_some() {
+        "cell_id"
+    } else {
+        "ctid"
+    };
+    let labs: String = labels
+        .iter()
+        .map(|l| format!(", {}::text", quote_ident(l)))
+        .collect();
     let (e, null_emb, null_label) = Spi::connect(|c| {
         let mut e = Embeddings {
             ids: Vec::new(),
-            labels: Vec::new(),
+            labels: vec![Vec::new(); labels.len()],
             data: Vec::new(),
             dim: 0,
         };
         let (mut null_emb, mut null_label) = (0i64, 0i64);
         let mut bytes = 0u128;
         let mut cur = c.try_open_cursor(
-            &format!("SELECT cell_id::text, {col}::real[], {lab} FROM {rel} ORDER BY cell_id"),
+            &format!("SELECT {id}::text, {col}::real[]{labs} FROM {rel} ORDER BY {id}"),
             &[],
         )?;
+        let mut row_labels: Vec<String> = Vec::with_capacity(labels.len());
         loop {
             let rows = cur.fetch(1024)?;
             if rows.is_empty() {
                 break;
             }
-            for row in rows {
+            'rows: for row in rows {
                 let id = row.get::<String>(1)?.unwrap_or_default();
                 let Some(v) = row.get::<Vec<Option<f32>>>(2)? else {
                     null_emb += 1;
                     continue;
                 };
-                let l = row.get::<String>(3)?;
-                if label.is_some() && l.is_none() {
-                    null_label += 1;
-                    continue;
+                row_labels.clear();
+                for c in 0..labels.len() {
+                    let Some(l) = row.get::<String>(3 + c)? else {
+                        null_label += 1;
+                        continue 'rows;
+                    };
+                    row_labels.push(l);
                 }
                 check_embedding(&id, &v, &mut e.dim, e.ids.is_empty(), refuse_zero);
-                bytes += (v.len() * 4 + id.len() + l.as_ref().map_or(0, |s| s.len()) + 48) as u128;
+                bytes += (v.len() * 4
+                    + id.len()
+                    + row_labels.iter().map(|s| s.len() + 24).sum::<usize>()
+                    + 48) as u128;
                 e.data.extend(v.into_iter().flatten());
                 e.ids.push(id);
-                if let Some(l) = l {
-                    e.labels.push(l);
+                for (out, l) in e.labels.iter_mut().zip(row_labels.drain(..)) {
+                    out.push(l);
                 }
             }
             // checked once a fetch: past the limit by at most one batch of rows
@@ -344,6 +359,18 @@ pub(crate) fn read_embeddings(
         )));
     }
     e
+}
+
+/// Labels as indices into their sorted distinct values: `(indices, names)`.
+pub(crate) fn label_indices(labels: &[String]) -> (Vec<u32>, Vec<String>) {
+    let mut names = labels.to_vec();
+    names.sort();
+    names.dedup();
+    let idx = labels
+        .iter()
+        .map(|l| names.binary_search(l).map_or(0, |i| i as u32))
+        .collect();
+    (idx, names)
 }
 
 fn check_embedding(

@@ -102,7 +102,7 @@ fn embedding_map(
     let e = read_embeddings(
         &rel,
         embedding_column,
-        None,
+        &[],
         (opts.metric == Metric::Cosine)
             .then_some("Leave zero vectors out, or use the option \"metric\": \"euclidean\"."),
     );

@@ -2,7 +2,7 @@
 //! reference by their embeddings and transfers its labels, with a confidence, the
 //! runner-up and "unknown" (the algorithm: `exceiver_core::mapping`).
 
-use crate::api::bulk::{read_embeddings, relation_name};
+use crate::api::bulk::{label_indices, read_embeddings, relation_name};
 use crate::api::map::require_column;
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
@@ -124,22 +124,15 @@ fn transfer_labels(
     check_embedding_column(&qrel, embedding_column);
     check_embedding_column(&rrel, embedding_column);
     let hint = Some("Leave zero vectors out of the table (or set their embedding to NULL).");
-    let r = read_embeddings(&rrel, embedding_column, Some(label_column), hint);
+    let r = read_embeddings(&rrel, embedding_column, &[label_column], hint);
     if r.ids.is_empty() {
         raise(Error::invalid(format!(
             "reference {rrel} has no cells with both a label in \"{label_column}\" and an embedding in \"{embedding_column}\""
         )));
     }
-    let mut names: Vec<String> = r.labels.clone();
-    names.sort();
-    names.dedup();
-    let labels: Vec<u32> = r
-        .labels
-        .iter()
-        .map(|l| names.binary_search(l).map_or(0, |i| i as u32))
-        .collect();
+    let (labels, names) = label_indices(&r.labels[0]);
     opts.validate(labels.len()).or_raise();
-    let q = read_embeddings(&qrel, embedding_column, None, hint);
+    let q = read_embeddings(&qrel, embedding_column, &[], hint);
     if !q.ids.is_empty() && q.dim != r.dim {
         raise_code(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,

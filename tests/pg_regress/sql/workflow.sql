@@ -58,6 +58,33 @@ SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label', k => 0); \echo
 UPDATE toy SET label = 'A';
 SELECT * FROM exceiver.evaluate_embeddings('toy', 'emb', 'label'); \echo :SQLSTATE
 
+-- the field's metrics on three well-separated cell types of 30 cells each, in two
+-- batches: the clustering finds the types (NMI = ARI = 1, 3 clusters), every type is one
+-- connected piece of the neighbour graph; batches interleaved within each type mix well
+-- (batch ASW near 1) in "mixed", and are pulled apart (batch ASW lower) in "split"
+CREATE TABLE wells AS
+SELECT 'c' || lpad(i::text, 3, '0') AS cell_id, 'type' || (i % 3) AS label, 'b' || (i / 3) % 2 AS batch,
+       (SELECT array_agg(CASE WHEN j = i % 3 THEN 5 ELSE 0 END + 0.3 * sin(i * 7 + j * 13) ORDER BY j)
+          FROM generate_series(0, 3) j)::real[]::vector(4) AS mixed,
+       (SELECT array_agg(CASE WHEN j = i % 3 THEN 5 ELSE 0 END + 0.3 * sin(i * 7 + j * 13)
+                         + CASE WHEN j = 3 THEN 2.0 * ((i / 3) % 2) ELSE 0 END ORDER BY j)
+          FROM generate_series(0, 3) j)::real[]::vector(4) AS split
+FROM generate_series(1, 90) i;
+SELECT round(accuracy::numeric, 4) AS accuracy, round(nmi::numeric, 4) AS nmi, round(ari::numeric, 4) AS ari,
+       round(asw::numeric, 2) AS asw, round(avg_bio::numeric, 2) AS avg_bio, round(batch_asw::numeric, 2) AS batch_asw,
+       graph_connectivity, clusters
+FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label', batch_column => 'batch');
+SELECT round(batch_asw::numeric, 2) AS batch_asw_split, round(nmi::numeric, 2) AS nmi, graph_connectivity
+FROM exceiver.evaluate_embeddings('wells', 'split', 'label', batch_column => 'batch');
+-- without a batch column, no batch metrics
+SELECT batch_asw IS NULL AND graph_connectivity IS NULL AS no_batch_metrics
+FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label');
+SELECT * FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label', batch_column => 'no_such_column'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label', k => 90); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_embeddings('no_such_table', 'mixed', 'label'); \echo :SQLSTATE
+INSERT INTO wells VALUES ('z', 'type0', 'b0', '[0,0,0,0]', '[0,0,0,0]');
+SELECT * FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label'); \echo :SQLSTATE
+
 -- embedding_map: UMAP of two clusters of 40 points in 8-D (antipodal centres plus a
 -- deterministic wobble); each point's nearest neighbour in the 2-D map has its label
 CREATE TABLE blobs AS
