@@ -7,4 +7,5 @@ pub mod load;
 pub mod map;
 pub mod mapping;
 pub mod model;
+pub mod pca;
 pub mod train;

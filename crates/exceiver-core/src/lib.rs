@@ -13,6 +13,7 @@ pub mod limits;
 pub mod mapping;
 pub mod metrics;
 pub mod model;
+pub mod pca;
 pub mod plot;
 pub mod preprocess;
 pub mod session;

@@ -464,6 +464,14 @@ impl HvgFit {
         self.n_cells
     }
 
+    /// Room for `n_genes` genes (new genes start with no counts in the cells so far).
+    pub fn grow(&mut self, n_genes: usize) {
+        if n_genes > self.s.len() {
+            self.s.resize(n_genes, 0.0);
+            self.s2.resize(n_genes, 0.0);
+        }
+    }
+
     /// Normalised dispersion of every gene: `log(var / mean)` of the normalised counts,
     /// z-scored within 20 equal-width bins of `log1p(mean)` (a bin with one gene gives
     /// 1.0, as scanpy does). `None` for a gene with zero variance.

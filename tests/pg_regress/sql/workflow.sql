@@ -85,6 +85,36 @@ SELECT * FROM exceiver.evaluate_embeddings('no_such_table', 'mixed', 'label'); \
 INSERT INTO wells VALUES ('z', 'type0', 'b0', '[0,0,0,0]', '[0,0,0,0]');
 SELECT * FROM exceiver.evaluate_embeddings('wells', 'mixed', 'label'); \echo :SQLSTATE
 
+-- pca_embed: the standard baseline on 60 cells of three kinds, each with its own 10 of
+-- 30 genes highly expressed (counts from a deterministic wobble); the kinds separate
+CREATE TABLE programmes AS
+SELECT 'k' || lpad(i::text, 3, '0') AS cell_id, 'kind' || (i % 3) AS kind,
+       array_agg('G' || lpad(g::text, 2, '0') ORDER BY g) AS genes,
+       array_agg((CASE WHEN g / 10 = i % 3 THEN 8 ELSE 1 END * (1.2 + sin(i * 3 + g * 7)))::real ORDER BY g) AS counts
+FROM generate_series(1, 60) i, generate_series(0, 29) g GROUP BY i;
+INSERT INTO programmes VALUES ('k999', 'kind0', NULL, NULL);
+SELECT cells, skipped, genes, components, round(variance_explained::numeric, 2) AS variance_explained
+FROM exceiver.pca_embed('programmes', 'pca', '{"n_top_genes": 20, "n_components": 5}');
+SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'programmes'::regclass AND attname = 'pca';
+SELECT round(accuracy::numeric, 4) AS accuracy, round(nmi::numeric, 4) AS nmi
+FROM exceiver.evaluate_embeddings('programmes', 'pca', 'kind', k => 5);
+-- the same options give the same vectors; a rerun into the same column replaces them
+CREATE TABLE pca_before AS SELECT cell_id, pca FROM programmes;
+SELECT cells FROM exceiver.pca_embed('programmes', 'pca', '{"n_top_genes": 20, "n_components": 5}');
+SELECT count(*) AS changed FROM programmes p JOIN pca_before b USING (cell_id) WHERE p.pca IS DISTINCT FROM b.pca;
+-- bad input
+SELECT * FROM exceiver.pca_embed('programmes', 'pca', '{"n_components": 7, "n_top_genes": 20}'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('programmes', 'kind'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('programmes', 'p2', '{"n_components": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('programmes', 'p2', '{"max_value": -1}'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('programmes', 'p2', '{"n_top_genes": "many"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('programmes', 'p2', '{"components": 5}'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('not_cells'); \echo :SQLSTATE
+SELECT * FROM exceiver.pca_embed('no_such_table'); \echo :SQLSTATE
+INSERT INTO programmes VALUES ('bad', 'kind0', ARRAY['G01'], ARRAY[-1]::real[]);
+SELECT * FROM exceiver.pca_embed('programmes', 'p2'); \echo :SQLSTATE
+DELETE FROM programmes WHERE cell_id = 'bad';
+
 -- embedding_map: UMAP of two clusters of 40 points in 8-D (antipodal centres plus a
 -- deterministic wobble); each point's nearest neighbour in the 2-D map has its label
 CREATE TABLE blobs AS

@@ -120,7 +120,7 @@ fn orthonormalize(q: &mut [[f64; BLOCK]], r: usize) {
 
 /// Eigen-decomposition of the symmetric `r × r` matrix `a` (destroyed) by cyclic Jacobi
 /// rotations: eigenvalues, and eigenvectors as the columns of `v` (row-major).
-pub(super) fn jacobi_eigen(a: &mut [f64], r: usize) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn jacobi_eigen(a: &mut [f64], r: usize) -> (Vec<f64>, Vec<f64>) {
     let mut v = vec![0f64; r * r];
     for i in 0..r {
         v[i * r + i] = 1.0;

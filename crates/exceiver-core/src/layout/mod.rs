@@ -30,7 +30,7 @@ use crate::error::{Error, Kind, Result};
 use crate::model::rng::Rng;
 
 pub(crate) mod graph;
-mod init;
+pub(crate) mod init;
 mod neighbours;
 mod optimize;
 
