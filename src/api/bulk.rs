@@ -11,6 +11,7 @@ use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
 use crate::security::PinnedSearchPath;
 use exceiver_core::accel::DeviceModel;
+use exceiver_core::coverage::{warning as coverage_warning, CoverageFit};
 use exceiver_core::device::Device;
 use exceiver_core::{Error, Kind};
 use pgrx::prelude::*;
@@ -170,6 +171,7 @@ fn embed_table(
     let start = Instant::now();
     let (mut done, mut skipped, mut written) = (0i64, 0i64, 0i64);
     let mut next_report = total / 10;
+    let mut coverage = CoverageFit::new(&m.vocab);
     // One SPI connection for the whole scan (a cursor does not outlive it); the update
     // arguments of each batch live in a memory context reset after the batch.
     let mut batch_mem = PgMemoryContexts::new("exceiver embed_table batch");
@@ -204,6 +206,10 @@ fn embed_table(
                         c.len()
                     )));
                 }
+                // coverage of the model's genes, for the warning at the end (a cell it
+                // cannot read fails just below with the same message)
+                let names: Vec<Option<&str>> = g.iter().map(|x| x.as_deref()).collect();
+                let _ = coverage.add_cell(&names, c);
                 match cell_input_iter(&m, g.len(), g.iter().map(|x| x.as_deref()), c.iter().copied()) {
                     Ok((cell, _)) => inputs.push((k, cell)),
                     Err(e) if e.kind == Kind::InvalidParameter => skipped += 1,
@@ -246,6 +252,9 @@ fn embed_table(
     .or_raise();
     if skipped > 0 {
         notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
+    }
+    if let Some(w) = coverage_warning(&coverage.finish(), &format!("table {rel}")) {
+        warning!("{w}");
     }
     if written != done - skipped {
         raise(Error::internal(format!(

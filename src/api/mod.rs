@@ -1,6 +1,7 @@
 //! The SQL-facing functions, one module per concern.
 
 pub mod bulk;
+pub mod coverage;
 pub mod evaluate;
 pub mod infer;
 pub mod load;

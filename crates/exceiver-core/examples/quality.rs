@@ -9,8 +9,14 @@
 //! cargo run --release -p exceiver-core --example quality -- [flags]
 //!   --options JSON       exceiver.train's options (default {"preset": "small"})
 //!   --stim JSON          also finetune a stim classifier with these exceiver.finetune options
+//!   --with-pbmc          train on Kang and PBMC 3k together (without labels), as a user
+//!                        trains on all their cells, the ones they will query included
 //!   --threads 2 --k 15
 //! ```
+//!
+//! PBMC 3k is scored with the core's metrics (`exceiver_core::metrics`: kNN accuracy,
+//! macro-F1, NMI, ARI, ASW, AvgBIO), beside the standard baseline computed the same way
+//! (`exceiver_core::pca`: 2,000 variable genes, PCA to 50, as `exceiver.pca_embed`).
 //!
 //! The split is the session's in-memory one (a hash of the barcode and the seed, not
 //! PostgreSQL's `hashtext`), so the exact cells differ from a run on a table.
@@ -20,8 +26,10 @@
 
 use exceiver_core::data::{h5ad, tenx, CellMatrix};
 use exceiver_core::device::Device;
+use exceiver_core::metrics::{self, EvalOptions, Evaluation};
 use exceiver_core::model::cell::Vocab;
 use exceiver_core::model::{AttentionMode, Exceiver};
+use exceiver_core::pca::{self, Collect, GeneScan, PcaOptions};
 use exceiver_core::session::{
     self, CellSource, InMemory, Options, Pass, Split, Start, Stderr, Task, Trained,
 };
@@ -68,7 +76,30 @@ fn main() {
         t0.elapsed().as_secs_f64()
     );
 
-    let mut src = InMemory::new(&kang, "kang", &Split::from_options(&opts), None).unwrap();
+    let lab = session::text_column(&pbmc, "seurat_annotations").unwrap();
+    let (keep, labels, classes) = labelled(&lab);
+    let base = pca_baseline(&pbmc, threads);
+    let pick: Vec<f32> = keep
+        .iter()
+        .flat_map(|&c| base[c * 50..(c + 1) * 50].iter().copied())
+        .collect();
+    report(
+        "PCA of 2,000 variable genes",
+        &score(&pick, 50, &labels, classes, k, threads),
+    );
+    let both;
+    let train_on = if a.0.iter().any(|x| x == "--with-pbmc") {
+        both = concat(&kang, &pbmc);
+        eprintln!(
+            "training on Kang and PBMC 3k together: {} cells, {} genes",
+            both.n_cells(),
+            both.n_genes()
+        );
+        &both
+    } else {
+        &kang
+    };
+    let mut src = InMemory::new(train_on, "kang", &Split::from_options(&opts), None).unwrap();
     let task = Task {
         model: "quality",
         opts: &opts,
@@ -82,7 +113,7 @@ fn main() {
         "kang: {} epochs, best validation MSE {:.4} (per-gene-mean baseline {:.4}), {:.0} s, {:.1} cells/s",
         t.epochs, t.best_val, t.baseline_val, t.seconds, t.cells_per_s
     );
-    knn_report(&t, &pbmc, k, threads);
+    knn_report(&t, &pbmc, (&keep, &labels, classes), k, threads);
 
     if let Some(stim_opts) = a.json("--stim") {
         stim(&t, &kang, &stim_opts, threads);
@@ -120,20 +151,125 @@ fn model_cells(t: &Trained, m: &CellMatrix) -> Vec<(Vec<u32>, Vec<f32>)> {
     out
 }
 
-/// kNN label accuracy of the PBMC 3k embeddings, in both attention modes.
-fn knn_report(t: &Trained, pbmc: &CellMatrix, k: usize, threads: usize) {
-    let lab = session::text_column(pbmc, "seurat_annotations").unwrap();
-    let cells = model_cells(t, pbmc);
-    let keep: Vec<usize> = (0..pbmc.n_cells())
-        .filter(|&c| lab[c].is_some() && !cells[c].0.is_empty())
-        .collect();
+/// The labelled cells of a label column: their indices, label numbers and class count.
+fn labelled(lab: &[Option<String>]) -> (Vec<usize>, Vec<u32>, usize) {
+    let keep: Vec<usize> = (0..lab.len()).filter(|&c| lab[c].is_some()).collect();
     let mut classes: Vec<String> = keep.iter().filter_map(|&c| lab[c].clone()).collect();
     classes.sort();
     classes.dedup();
-    let labels: Vec<usize> = keep
+    let labels = keep
         .iter()
-        .map(|&c| classes.binary_search(lab[c].as_ref().unwrap()).unwrap())
+        .map(|&c| classes.binary_search(lab[c].as_ref().unwrap()).unwrap() as u32)
         .collect();
+    (keep, labels, classes.len())
+}
+
+fn score(
+    emb: &[f32],
+    dim: usize,
+    labels: &[u32],
+    classes: usize,
+    k: usize,
+    threads: usize,
+) -> Evaluation {
+    let o = EvalOptions {
+        k,
+        seed: 0,
+        threads,
+    };
+    metrics::evaluate(emb, dim, labels, classes, None, &o, &mut |_, _, _| Ok(())).unwrap()
+}
+
+fn report(what: &str, e: &Evaluation) {
+    println!(
+        "pbmc3k {what}: kNN accuracy / macro-F1 {:.3} / {:.3}, NMI {:.3}, ARI {:.3}, ASW {:.3}, AvgBIO {:.3} ({} cells)",
+        e.accuracy, e.macro_f1, e.nmi, e.ari, e.asw, e.avg_bio(), e.cells
+    );
+}
+
+/// The standard baseline of every cell of `m`: 50 principal components (`cells × 50`).
+fn pca_baseline(m: &CellMatrix, threads: usize) -> Vec<f32> {
+    let opts = PcaOptions {
+        threads,
+        ..Default::default()
+    };
+    let cell = |c: usize| {
+        let (g, x) = m.cell(c);
+        (
+            g.iter()
+                .map(|&i| Some(m.genes[i as usize].as_str()))
+                .collect::<Vec<_>>(),
+            x.iter().map(|&v| Some(v)).collect::<Vec<_>>(),
+        )
+    };
+    let mut scan = GeneScan::new();
+    for c in 0..m.n_cells() {
+        let (g, x) = cell(c);
+        scan.add_cell(&g, &x).unwrap();
+    }
+    let sel = scan.select(opts.n_top_genes).unwrap();
+    let mut col = Collect::new(&sel, opts.max_value);
+    for c in 0..m.n_cells() {
+        let (g, x) = cell(c);
+        col.add_cell(&g, &x).unwrap();
+    }
+    pca::fit(&col, &opts, &mut |_, _| Ok(())).unwrap().scores
+}
+
+/// Two datasets as one, over the union of their genes (no label columns; the second's
+/// barcodes prefixed so that they stay unique).
+fn concat(a: &CellMatrix, b: &CellMatrix) -> CellMatrix {
+    let mut genes: Vec<String> = a.genes.iter().chain(&b.genes).cloned().collect();
+    genes.sort();
+    genes.dedup();
+    let index = |g: &String| genes.binary_search(g).unwrap() as u32;
+    let (ma, mb): (Vec<u32>, Vec<u32>) = (
+        a.genes.iter().map(index).collect(),
+        b.genes.iter().map(index).collect(),
+    );
+    let mut out = CellMatrix {
+        barcodes: a
+            .barcodes
+            .iter()
+            .cloned()
+            .chain(b.barcodes.iter().map(|x| format!("pbmc3k:{x}")))
+            .collect(),
+        genes: Vec::new(),
+        indptr: vec![0],
+        indices: Vec::new(),
+        data: Vec::new(),
+        obs: Vec::new(),
+        renamed_genes: 0,
+    };
+    for (m, map) in [(a, &ma), (b, &mb)] {
+        for c in 0..m.n_cells() {
+            let (g, x) = m.cell(c);
+            let mut e: Vec<(u32, f32)> = g
+                .iter()
+                .map(|&i| map[i as usize])
+                .zip(x.iter().copied())
+                .collect();
+            e.sort_by_key(|p| p.0);
+            out.indices.extend(e.iter().map(|p| p.0));
+            out.data.extend(e.iter().map(|p| p.1));
+            out.indptr.push(out.indices.len());
+        }
+    }
+    out.genes = genes;
+    out
+}
+
+/// Scores of the PBMC 3k embeddings, in both attention modes.
+fn knn_report(
+    t: &Trained,
+    pbmc: &CellMatrix,
+    lab: (&[usize], &[u32], usize),
+    k: usize,
+    threads: usize,
+) {
+    let (keep, labels, classes) = lab;
+    let cells = model_cells(t, pbmc);
+    // cells with nothing on the model's genes get a zero embedding input: none in PBMC 3k
     let input: Vec<(&[u32], &[f32])> = keep
         .iter()
         .map(|&c| (cells[c].0.as_slice(), cells[c].1.as_slice()))
@@ -146,22 +282,15 @@ fn knn_report(t: &Trained, pbmc: &CellMatrix, k: usize, threads: usize) {
         let te = Instant::now();
         let emb = model.embed_batch(&input, threads).unwrap();
         let et = te.elapsed().as_secs_f64();
-        let (acc, f1) = knn_eval(&emb, dim, &labels, classes.len(), k, threads);
-        let (m, sd) = col_stats(&emb, dim);
-        let (acc_s, f1_s) = knn_eval(
-            &transform(&emb, dim, &m, Some(&sd)),
-            dim,
-            &labels,
-            classes.len(),
-            k,
-            threads,
+        let what = format!(
+            "{mode:?}{} (embedded in {et:.1} s)",
+            if mode == t.cfg.attention {
+                ", the model's mode"
+            } else {
+                ""
+            }
         );
-        println!(
-            "pbmc3k {mode:?}{} ({} cells, {} classes, embedded in {et:.1} s): kNN-{k} accuracy / macro-F1 {acc:.3} / {f1:.3}, standardised dimensions {acc_s:.3} / {f1_s:.3}",
-            if mode == t.cfg.attention { " (the model's mode)" } else { "" },
-            keep.len(),
-            classes.len(),
-        );
+        report(&what, &score(&emb, dim, labels, classes, k, threads));
     }
 }
 
@@ -221,131 +350,4 @@ fn stim(base: &Trained, kang: &CellMatrix, opts: &Value, threads: usize) {
             "pretrained"
         }
     );
-}
-
-/// Exact leave-one-out kNN (cosine) label accuracy and macro-F1; ties: smallest label.
-fn knn_eval(
-    emb: &[f32],
-    dim: usize,
-    labels: &[usize],
-    n_cls: usize,
-    k: usize,
-    threads: usize,
-) -> (f64, f64) {
-    let n = labels.len();
-    let normed: Vec<f32> = emb
-        .chunks(dim)
-        .flat_map(|r| {
-            let nr = r
-                .iter()
-                .map(|x| (*x as f64) * (*x as f64))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-30);
-            r.iter().map(move |x| (*x as f64 / nr) as f32)
-        })
-        .collect();
-    let per = n.div_ceil(threads);
-    let preds: Vec<usize> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                let normed = &normed;
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    let mut sims: Vec<(f32, usize)> = Vec::with_capacity(n);
-                    for i in t * per..((t + 1) * per).min(n) {
-                        sims.clear();
-                        let a = &normed[i * dim..(i + 1) * dim];
-                        for j in 0..n {
-                            if j != i {
-                                let b = &normed[j * dim..(j + 1) * dim];
-                                let dot = dot8(a, b);
-                                sims.push((dot, j));
-                            }
-                        }
-                        let kk = k.min(sims.len());
-                        sims.select_nth_unstable_by(kk - 1, |x, y| y.0.total_cmp(&x.0));
-                        let mut votes = vec![0usize; n_cls];
-                        for &(_, j) in &sims[..kk] {
-                            votes[labels[j]] += 1;
-                        }
-                        let mx = *votes.iter().max().unwrap();
-                        out.push(votes.iter().position(|&v| v == mx).unwrap());
-                    }
-                    out
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
-    let acc = preds.iter().zip(labels).filter(|(p, y)| p == y).count() as f64 / n as f64;
-    let mut f1 = 0.0;
-    for c in 0..n_cls {
-        let tp = preds
-            .iter()
-            .zip(labels)
-            .filter(|(p, y)| **p == c && **y == c)
-            .count() as f64;
-        let fp = preds
-            .iter()
-            .zip(labels)
-            .filter(|(p, y)| **p == c && **y != c)
-            .count() as f64;
-        let fnn = preds
-            .iter()
-            .zip(labels)
-            .filter(|(p, y)| **p != c && **y == c)
-            .count() as f64;
-        f1 += if tp == 0.0 {
-            0.0
-        } else {
-            2.0 * tp / (2.0 * tp + fp + fnn)
-        };
-    }
-    (acc, f1 / n_cls as f64)
-}
-
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
-}
-
-fn col_stats(emb: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = emb.len() / dim;
-    let mut mean = vec![0.0f64; dim];
-    let mut sq = vec![0.0f64; dim];
-    for r in emb.chunks(dim) {
-        for (c, &x) in r.iter().enumerate() {
-            mean[c] += x as f64;
-            sq[c] += (x as f64) * (x as f64);
-        }
-    }
-    let mean: Vec<f64> = mean.iter().map(|m| m / n as f64).collect();
-    let sd: Vec<f32> = sq
-        .iter()
-        .zip(&mean)
-        .map(|(s, m)| ((s / n as f64 - m * m).max(0.0).sqrt() as f32).max(1e-6))
-        .collect();
-    (mean.into_iter().map(|m| m as f32).collect(), sd)
-}
-
-fn transform(emb: &[f32], dim: usize, mean: &[f32], sd: Option<&[f32]>) -> Vec<f32> {
-    emb.chunks(dim)
-        .flat_map(|r| {
-            r.iter().enumerate().map(move |(c, &x)| {
-                let y = x - mean[c];
-                match sd {
-                    Some(s) => y / s[c],
-                    None => y,
-                }
-            })
-        })
-        .collect()
 }

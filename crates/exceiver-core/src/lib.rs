@@ -4,6 +4,7 @@
 //! tested with plain `cargo test`, and the pgrx crate maps SQL onto it.
 
 pub mod accel;
+pub mod coverage;
 pub mod data;
 pub mod device;
 pub mod error;

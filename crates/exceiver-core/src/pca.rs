@@ -149,11 +149,13 @@ impl GeneScan {
                 self.cells
             )));
         }
-        let keep = self
+        let mut keep = self
             .hvg
             .as_ref()
             .map(|h| h.select(n_top))
             .unwrap_or_default();
+        // in name order, so that the result does not depend on the order of the rows
+        keep.sort_by(|&a, &b| self.names[a].cmp(&self.names[b]));
         if keep.is_empty() {
             return Err(Error::invalid(format!(
                 "none of the {} genes varies over the {} cells",
@@ -179,7 +181,7 @@ impl GeneScan {
     }
 }
 
-/// The chosen genes, in name order of their vocabulary index, and their scaling.
+/// The chosen genes, in name order, and their scaling.
 #[derive(Debug, Clone)]
 pub struct Selection {
     column: HashMap<String, u32>,

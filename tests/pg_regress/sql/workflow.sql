@@ -43,6 +43,24 @@ SELECT * FROM exceiver.embed_table('ts', 'not_cells'); \echo :SQLSTATE
 SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb3', batch_size => 0); \echo :SQLSTATE
 SELECT * FROM exceiver.embed_table('nope', 'cells'); \echo :SQLSTATE
 
+-- vocabulary coverage: how much of the model's vocabulary a table expresses
+SELECT cells, model_genes, expressed_model_genes, round(vocabulary_coverage::numeric, 4) AS vocabulary_coverage,
+       table_genes, round(count_fraction::numeric, 4) AS count_fraction, cells_without_model_genes, unmatched_examples
+FROM exceiver.vocabulary_coverage('ts', 'cells');
+-- a table named by other identifiers (Ensembl-like ids): a WARNING, and embed_table warns too
+CREATE TABLE ensembl_cells AS
+SELECT 'e' || i AS cell_id, ARRAY['ENSG0000000000' || i, 'ENSG0000000001' || i, 'X1'] AS genes, ARRAY[5, 3, 1]::real[] AS counts
+FROM generate_series(1, 3) i;
+SELECT cells, expressed_model_genes, round(count_fraction::numeric, 4) AS count_fraction, unmatched_examples
+FROM exceiver.vocabulary_coverage('ts', 'ensembl_cells');
+SET client_min_messages = warning;
+SELECT cells FROM exceiver.embed_table('ts', 'ensembl_cells', 'emb');
+RESET client_min_messages;
+SELECT * FROM exceiver.vocabulary_coverage('no_such_model', 'cells'); \echo :SQLSTATE
+SELECT * FROM exceiver.vocabulary_coverage('ts', 'not_cells'); \echo :SQLSTATE
+INSERT INTO ensembl_cells VALUES ('bad', ARRAY['X1', NULL], ARRAY[1, 1]::real[]);
+SELECT * FROM exceiver.vocabulary_coverage('ts', 'ensembl_cells'); \echo :SQLSTATE
+
 -- evaluate_embeddings on vectors whose answer is known by hand: with k = 3, every
 -- point but 7 (a B lying among the As) is predicted right: accuracy 6/7, and
 -- F1 6/7 for both A (tp 3, fp 1) and B (tp 3, fn 1).
