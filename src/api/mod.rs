@@ -9,4 +9,5 @@ pub mod map;
 pub mod mapping;
 pub mod model;
 pub mod pca;
+pub mod probe;
 pub mod train;

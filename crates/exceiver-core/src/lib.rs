@@ -17,6 +17,7 @@ pub mod model;
 pub mod pca;
 pub mod plot;
 pub mod preprocess;
+pub mod probe;
 pub mod session;
 pub mod train;
 

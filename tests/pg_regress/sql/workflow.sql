@@ -120,6 +120,22 @@ FROM exceiver.evaluate_embeddings('programmes', 'pca', 'kind', k => 5);
 CREATE TABLE pca_before AS SELECT cell_id, pca FROM programmes;
 SELECT cells FROM exceiver.pca_embed('programmes', 'pca', '{"n_top_genes": 20, "n_components": 5}');
 SELECT count(*) AS changed FROM programmes p JOIN pca_before b USING (cell_id) WHERE p.pca IS DISTINCT FROM b.pca;
+-- linear_probe: logistic regression on the PCA embedding, trained on the odd cells and
+-- scored on the even ones (views of one table); the kinds are linearly separable
+CREATE VIEW programmes_odd AS SELECT * FROM programmes WHERE right(cell_id, 1)::int % 2 = 1;
+CREATE VIEW programmes_even AS SELECT * FROM programmes WHERE right(cell_id, 1)::int % 2 = 0;
+SELECT train_cells, test_cells, classes, accuracy, macro_f1, log_loss < 0.2 AS small_log_loss, ece < 0.2 AS calibrated, converged
+FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'pca');
+-- half of the training labels, chosen by cell_id and seed as finetune chooses them
+SELECT train_cells < 30 AS fewer_cells, accuracy FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'pca', '{"label_fraction": 0.5, "seed": 1}');
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'pca', '{"C": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'pca', '{"label_fraction": 2}'); \echo :SQLSTATE
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'pca', '{"penalty": "l1"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'kind', 'genes'); \echo :SQLSTATE
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'no_such_column', 'pca'); \echo :SQLSTATE
+CREATE VIEW wells_as_kinds AS SELECT cell_id, label AS kind, mixed AS pca FROM wells;
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'wells_as_kinds', 'kind', 'pca'); \echo :SQLSTATE
+SELECT * FROM exceiver.linear_probe('programmes_odd', 'programmes_even', 'cell_id', 'pca', '{"label_fraction": 0.01}'); \echo :SQLSTATE
 -- bad input
 SELECT * FROM exceiver.pca_embed('programmes', 'pca', '{"n_components": 7, "n_top_genes": 20}'); \echo :SQLSTATE
 SELECT * FROM exceiver.pca_embed('programmes', 'kind'); \echo :SQLSTATE
