@@ -1,7 +1,7 @@
 //! `exceiver.vocabulary_coverage`: how much of a model's gene vocabulary a cell table
 //! expresses (the algorithm: `exceiver_core::coverage`).
 
-use crate::api::bulk::{check_cell_table, relation_name};
+use crate::api::bulk::{check_cell_table, column_type, relation_name};
 use crate::api::model::get_model;
 use crate::errors::OrRaise;
 use crate::gucs;
@@ -40,9 +40,14 @@ fn vocabulary_coverage(
     let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let mut fit = CoverageFit::new(&m.vocab);
+    let name = if column_type(&rel, "cell_id").is_some() {
+        "'cell \"' || cell_id::text || '\"'"
+    } else {
+        "'row ' || ctid::text"
+    };
     Spi::connect(|c| {
         let mut cur = c.try_open_cursor(
-            &format!("SELECT ctid::text, genes, counts::real[] FROM {rel} WHERE genes IS NOT NULL AND counts IS NOT NULL"),
+            &format!("SELECT {name}, genes, counts::real[] FROM {rel} WHERE genes IS NOT NULL AND counts IS NOT NULL"),
             &[],
         )?;
         loop {
@@ -51,12 +56,12 @@ fn vocabulary_coverage(
                 break;
             }
             for r in t {
-                let tid: String = r.get(1)?.unwrap_or_default();
+                let what: String = r.get(1)?.unwrap_or_default();
                 let genes: Vec<Option<String>> = r.get(2)?.unwrap_or_default();
                 let counts: Vec<Option<f32>> = r.get(3)?.unwrap_or_default();
                 let g: Vec<Option<&str>> = genes.iter().map(|x| x.as_deref()).collect();
                 fit.add_cell(&g, &counts)
-                    .map_err(|e| e.context(format!("row {tid}")))
+                    .map_err(|e| e.context(what.clone()))
                     .or_raise();
             }
             exceiver_core::limits::check_bytes(fit.bytes() as u128, &format!("the coverage of {rel}"))

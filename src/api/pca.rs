@@ -60,18 +60,25 @@ fn pca_options(v: &Value) -> PcaOptions {
     o
 }
 
-/// One cell row: its ctid, genes and counts (NULL arrays as `None`).
+/// One cell row: its ctid, genes and counts (NULL arrays as `None`), and its name for
+/// messages (`cell "<cell_id>"`, or `row <ctid>` without a cell_id column).
 type Row = (
     String,
     Option<Vec<Option<String>>>,
     Option<Vec<Option<f32>>>,
+    String,
 );
 
 /// Stream every row of `rel` to `each`, 1,024 at a time, with interrupts checked
 /// between fetches; `lock` reads with FOR NO KEY UPDATE (the rows to be written).
 fn scan_rows(rel: &str, lock: bool, each: &mut dyn FnMut(&Row)) {
+    let name = if column_type(rel, "cell_id").is_some() {
+        "'cell \"' || cell_id::text || '\"'"
+    } else {
+        "'row ' || ctid::text"
+    };
     let q = format!(
-        "SELECT ctid::text, genes, counts::real[] FROM {rel}{}",
+        "SELECT ctid::text, genes, counts::real[], {name} FROM {rel}{}",
         if lock { " FOR NO KEY UPDATE" } else { "" }
     );
     // read-write: a locking read needs a non-read-only SPI connection
@@ -83,7 +90,12 @@ fn scan_rows(rel: &str, lock: bool, each: &mut dyn FnMut(&Row)) {
                 break;
             }
             for r in t {
-                let row: Row = (r.get(1)?.unwrap_or_default(), r.get(2)?, r.get(3)?);
+                let row: Row = (
+                    r.get(1)?.unwrap_or_default(),
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?.unwrap_or_default(),
+                );
                 each(&row);
             }
             check_for_interrupts!();
@@ -160,7 +172,7 @@ fn pca_embed(
         None => skipped += 1,
         Some((g, c)) => scan
             .add_cell(&g, c)
-            .map_err(|e| e.context(format!("row {}", row.0)))
+            .map_err(|e| e.context(row.3.clone()))
             .or_raise(),
     });
     let sel = scan.select(opts.n_top_genes).or_raise();
@@ -179,7 +191,7 @@ fn pca_embed(
         if let Some((g, c)) = cell_of(row) {
             collect
                 .add_cell(&g, c)
-                .map_err(|e| e.context(format!("row {}", row.0)))
+                .map_err(|e| e.context(row.3.clone()))
                 .or_raise();
             tid_bytes += row.0.len() + 24;
             tids.push(row.0.clone());
