@@ -19,7 +19,7 @@
   \set ft_opts '{"learning_rate": 0.003, "warmup_steps": 10}'
 \endif
 SET client_min_messages = notice;
-DROP TABLE IF EXISTS pbmc3k, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results, kang_ref, kang_ref_no_b, label_map, pbmc_transfer, pbmc_transfer_no_b, pbmc_transfer_map;
+DROP TABLE IF EXISTS pbmc3k, pbmc3k_genes, kang_genes, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results, kang_ref, kang_ref_no_b, label_map, pbmc_transfer, pbmc_transfer_no_b, pbmc_transfer_map;
 SELECT exceiver.drop_model(name) FROM exceiver.models WHERE name LIKE 'demo\_%';
 CREATE TABLE demo_results (step int, what text, value text);
 
@@ -136,9 +136,21 @@ SET client_min_messages = notice;
 CREATE TEMP TABLE stim_acc AS
 SELECT r.init, r.frac, round(avg((exceiver.classify(r.model, t.genes, t.counts) = t.stim)::int)::numeric, 3) AS test_accuracy
 FROM stim_runs r CROSS JOIN kang_test t GROUP BY r.init, r.frac;
+\echo '-- the field''s simplest strong baseline: logistic regression on the PCA of all Kang cells'
+\echo '-- (exceiver.linear_probe on the same labelled training cells, chosen as finetune chooses them)'
+SELECT cells, genes, components FROM exceiver.pca_embed('kang', 'pca');
+CREATE TEMP VIEW kang_train_pca AS SELECT t.cell_id, t.stim, k.pca FROM kang_train t JOIN kang k USING (cell_id);
+CREATE TEMP VIEW kang_test_pca AS SELECT t.cell_id, t.stim, k.pca FROM kang_test t JOIN kang k USING (cell_id);
+SET client_min_messages = warning;
+INSERT INTO stim_acc
+SELECT 'PCA-logistic', f.frac, round(p.accuracy::numeric, 3)
+FROM (VALUES (0.01), (0.1), (1.0)) f(frac),
+     exceiver.linear_probe('kang_train_pca', 'kang_test_pca', 'stim', 'pca', jsonb_build_object('label_fraction', f.frac)) p;
+SET client_min_messages = notice;
 SELECT frac * 100 || '%' AS labels_used,
        max(test_accuracy) FILTER (WHERE init = 'pretrained') AS pretrained,
-       max(test_accuracy) FILTER (WHERE init = 'random') AS from_scratch
+       max(test_accuracy) FILTER (WHERE init = 'random') AS from_scratch,
+       max(test_accuracy) FILTER (WHERE init = 'PCA-logistic') AS pca_logistic
 FROM stim_acc GROUP BY frac ORDER BY frac;
 INSERT INTO demo_results SELECT 5, 'stim test accuracy, ' || (frac * 100) || '% labels, ' || init, test_accuracy::text
 FROM stim_acc ORDER BY frac, init;

@@ -10,10 +10,10 @@
 \getenv data EXCEIVER_DATA
 SET client_min_messages = warning;
 SET exceiver.threads = 2;
-DROP TABLE IF EXISTS pin_kang, pin_kang_src;
+DROP TABLE IF EXISTS pin_kang, pin_kang_src, pin_kang_src_genes;
 SELECT count(*) FROM exceiver.load_h5ad(:'data' || '/kang_ifnb/kang_ifnb.h5ad', 'public.pin_kang_src');
 CREATE TABLE pin_kang AS SELECT * FROM pin_kang_src ORDER BY cell_id LIMIT 600;
-DROP TABLE pin_kang_src;
+DROP TABLE pin_kang_src, pin_kang_src_genes;
 SELECT exceiver.drop_model(name) FROM exceiver.models WHERE name LIKE 'pin\_%';
 SELECT model FROM exceiver.train('pin_small', 'pin_kang', '{"preset": "small", "seq_dim": 8, "query_len": 16, "num_layers": 1,
   "dim_feedforward": 32, "epochs": 3, "batch_size": 32, "min_cells": 20, "n_top_genes": 400}');

@@ -89,6 +89,35 @@ fn label_columns(m: &CellMatrix) -> Vec<String> {
     names
 }
 
+/// The file's gene identifiers into a new table `<table>_genes (gene, gene_id)` beside
+/// the cell table `qname` (just created), for matching a model named by other
+/// identifiers.
+fn write_gene_ids(m: &CellMatrix, qname: &str) {
+    let gq = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname || '_genes') \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         WHERE c.oid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
+        &[qname.into()],
+    )
+    .or_raise()
+    .unwrap_or_default();
+    Spi::run(&format!(
+        "CREATE TABLE {gq} (gene text PRIMARY KEY, gene_id text NOT NULL)"
+    ))
+    .or_raise();
+    Spi::run(&format!(
+        "COMMENT ON TABLE {gq} IS 'exceiver: the gene identifiers of cell table {}, beside the symbols in its genes arrays'",
+        qname.replace('\'', "''")
+    ))
+    .or_raise();
+    Spi::run_with_args(
+        &format!("INSERT INTO {gq} SELECT * FROM unnest($1::text[], $2::text[])"),
+        &[m.genes.clone().into(), m.gene_ids.clone().into()],
+    )
+    .or_raise();
+    notice!("the file's gene identifiers are in table {gq} (gene, gene_id)");
+}
+
 /// Write `m` into a new table `qname` (from [`qualified_name`]).
 fn write_table(m: &CellMatrix, qname: &str) {
     let labels = label_columns(m);
@@ -105,6 +134,10 @@ fn write_table(m: &CellMatrix, qname: &str) {
         m.nnz()
     ))
     .or_raise();
+
+    if !m.gene_ids.is_empty() {
+        write_gene_ids(m, qname);
+    }
 
     let mut cols = vec!["cell_id".to_string(), "genes".into(), "counts".into()];
     cols.extend(labels.iter().map(|n| quote_ident(n)));

@@ -47,6 +47,7 @@ fn str_ds(g: &hdf5::Group, name: &str, v: &[&str]) -> hdf5::Dataset {
 //   c0: g0=1, g2=2     c1: (none)     c2: g1=3.5, g3=4
 const CELLS: [&str; 3] = ["c0", "c1", "c2"];
 const GENES: [&str; 4] = ["A", "B", "A", "D"]; // duplicate symbol on purpose
+const IDS: [&str; 4] = ["ENSG1", "ENSG2", "ENSG3", "ENSG4"];
 const DENSE: [[f32; 4]; 3] = [[1.0, 0.0, 2.0, 0.0], [0.0; 4], [0.0, 3.5, 0.0, 4.0]];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -93,6 +94,7 @@ fn write_h5ad(path: &Path, layout: XLayout, old_obs: bool, gzip: bool) {
     let var = f.create_group("var").unwrap();
     str_attr(&var, "_index", "_index");
     str_ds(&var, "_index", &GENES);
+    str_ds(&var, "gene_ids", &IDS);
     // X
     match layout {
         XLayout::Dense => {
@@ -191,6 +193,8 @@ fn h5ad_every_layout() {
         write_h5ad(&p, layout, old, gz);
         let m = h5ad::read(&p).unwrap_or_else(|e| panic!("layout {i}: {e}"));
         check_small(&m);
+        // var["gene_ids"] is kept beside the symbols
+        assert_eq!(m.gene_ids, IDS, "layout {i}");
     }
 }
 
@@ -417,11 +421,19 @@ fn write_10x_h5(path: &Path, v3: bool) {
         .iter()
         .map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap())
         .collect();
+    let ids: Vec<hdf5::types::FixedAscii<8>> = IDS
+        .iter()
+        .map(|s| hdf5::types::FixedAscii::from_ascii(s).unwrap())
+        .collect();
     if v3 {
         let fg = g.create_group("features").unwrap();
         fg.new_dataset_builder()
             .with_data(&names)
             .create("name")
+            .unwrap();
+        fg.new_dataset_builder()
+            .with_data(&ids)
+            .create("id")
             .unwrap();
         let t: Vec<hdf5::types::FixedAscii<16>> = (0..4)
             .map(|_| hdf5::types::FixedAscii::from_ascii("Gene Expression").unwrap())
@@ -434,6 +446,10 @@ fn write_10x_h5(path: &Path, v3: bool) {
         g.new_dataset_builder()
             .with_data(&names)
             .create("gene_names")
+            .unwrap();
+        g.new_dataset_builder()
+            .with_data(&ids)
+            .create("genes")
             .unwrap();
     }
     g.new_dataset_builder()
@@ -464,6 +480,7 @@ fn tenx_h5_both_layouts() {
         let m = tenx::read(&p).unwrap_or_else(|e| panic!("v3={v3}: {e}"));
         assert_eq!(m.barcodes, CELLS);
         assert_eq!(m.genes, ["A", "B", "A-1", "D"]);
+        assert_eq!(m.gene_ids, IDS, "v3={v3}");
         assert_eq!(m.data, [1.0, 2.0, 3.0, 4.0]);
     }
     // a folder holding only the .h5 is read too

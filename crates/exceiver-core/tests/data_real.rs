@@ -46,6 +46,13 @@ fn pbmc3k_folder() {
         (m.n_cells(), m.n_genes(), m.nnz()),
         (2700, 32738, 2_286_884)
     );
+    // the Ensembl ids of genes.tsv's first column are kept beside the symbols
+    assert_eq!(m.gene_ids.len(), m.n_genes());
+    assert_eq!(
+        (m.gene_ids[0].as_str(), m.genes[0].as_str()),
+        ("ENSG00000243485", "MIR1302-10")
+    );
+    assert!(m.gene_ids.iter().all(|g| g.starts_with("ENSG")));
     // The file spells the scanpy tutorial's labels out in full ("CD4 T cells").
     let l = label_counts(&m, "louvain_scanpy");
     let want = [

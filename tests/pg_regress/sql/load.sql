@@ -8,6 +8,13 @@ SELECT louvain_scanpy, count(*) FROM pbmc3k GROUP BY 1 ORDER BY 1;
 SELECT cell_id, cardinality(genes) AS n_genes, sum(c) AS total,
        counts[array_position(genes, 'MALAT1')] AS malat1
 FROM pbmc3k, unnest(counts) c WHERE cell_id = 'AAACATACAACCAC-1' GROUP BY cell_id, genes, counts;
+-- the file's Ensembl ids beside the symbols, for matching a model named by ids
+SELECT count(*) AS genes, count(*) FILTER (WHERE gene_id LIKE 'ENSG%') AS ensembl FROM pbmc3k_genes;
+SELECT * FROM pbmc3k_genes WHERE gene IN ('CD3E', 'MS4A1') ORDER BY gene;
+-- the cells' genes renamed to ids through it (what a model trained on ids would need)
+SELECT (SELECT array_agg(coalesce(m.gene_id, g) ORDER BY i) FROM unnest(genes) WITH ORDINALITY u(g, i)
+          LEFT JOIN pbmc3k_genes m ON m.gene = g)[1:3] AS first_ids
+FROM pbmc3k WHERE cell_id = 'AAACATACAACCAC-1';
 SELECT * FROM exceiver.load_h5ad(:'data' || '/kang_ifnb/kang_ifnb.h5ad', 'public.kang');
 SELECT stim, count(*) FROM kang GROUP BY 1 ORDER BY 1;
 SELECT seurat_annotations, count(*) FROM kang GROUP BY 1 ORDER BY 1;

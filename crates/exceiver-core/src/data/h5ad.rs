@@ -49,6 +49,7 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
     let var = root.group("var")?;
     let barcodes = read_index_names(&obs, "obs")?;
     let genes = read_index_names(&var, "var")?;
+    let genes_before_unique = genes.clone();
     let (n_obs, n_var) = (barcodes.len(), genes.len());
 
     let mut m = if is_group(root, "X") {
@@ -126,6 +127,7 @@ fn read_file(file: &hdf5::File) -> Result<CellMatrix> {
         read_dense(&x, barcodes, genes)?
     };
     m.obs = read_obs(&obs, n_obs)?;
+    m.gene_ids = var_gene_ids(&var, n_var, &genes_before_unique);
     m.validate()?;
     Ok(m)
 }
@@ -166,6 +168,25 @@ fn read_index_names(g: &Group, what: &str) -> Result<Vec<String>> {
         )));
     }
     read_strings(&g.dataset(&name)?).map_err(|e| e.context(format!("{what} index")))
+}
+
+/// Names of `var` columns that hold gene identifiers, in order of preference (scanpy's
+/// `read_10x_mtx` writes `gene_ids`; merged objects have `gene_ids-0`).
+const GENE_ID_COLUMNS: [&str; 4] = ["gene_ids", "gene_id", "ensembl_id", "gene_ids-0"];
+
+/// The gene identifiers of a `var` column named in [`GENE_ID_COLUMNS`] (text), or none;
+/// a column that cannot be read is ignored (it is optional).
+fn var_gene_ids(var: &Group, n: usize, symbols: &[String]) -> Vec<String> {
+    let Ok(cols) = read_obs(var, n) else {
+        return Vec::new();
+    };
+    for name in GENE_ID_COLUMNS {
+        if let Some(ObsValues::Text(v)) = cols.iter().find(|c| c.name == name).map(|c| &c.values) {
+            let ids: Vec<String> = v.iter().map(|x| x.clone().unwrap_or_default()).collect();
+            return super::kept_ids(ids, None, symbols);
+        }
+    }
+    Vec::new()
 }
 
 fn read_obs(obs: &Group, n: usize) -> Result<Vec<ObsColumn>> {

@@ -71,6 +71,32 @@ pub struct CellMatrix {
     pub obs: Vec<ObsColumn>,
     /// How many gene symbols were renamed to make them unique.
     pub renamed_genes: usize,
+    /// The file's gene identifiers beside the symbols (Ensembl ids in Cell Ranger
+    /// output and in scanpy's `var["gene_ids"]`), one per gene; empty when the file has
+    /// none or they are the symbols themselves.
+    #[serde(default)]
+    pub gene_ids: Vec<String>,
+}
+
+/// Identifiers of the kept genes (`keep` maps file genes to kept ones, as
+/// [`from_csr_parts`] takes it), or none when they are just the symbols.
+pub(crate) fn kept_ids(
+    ids: Vec<String>,
+    keep: Option<&[Option<u32>]>,
+    symbols: &[String],
+) -> Vec<String> {
+    let ids: Vec<String> = match keep {
+        None => ids,
+        Some(k) => ids
+            .into_iter()
+            .zip(k)
+            .filter_map(|(id, k)| k.map(|_| id))
+            .collect(),
+    };
+    if ids.len() != symbols.len() || ids.iter().zip(symbols).all(|(i, s)| i == s || i.is_empty()) {
+        return Vec::new();
+    }
+    ids
 }
 
 impl CellMatrix {
@@ -385,6 +411,7 @@ pub(crate) fn from_csr_parts(
         data: out_val,
         obs: Vec::new(),
         renamed_genes,
+        gene_ids: Vec::new(),
     };
     check_unique_barcodes(&m.barcodes)?;
     Ok(m)

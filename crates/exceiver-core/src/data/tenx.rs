@@ -7,7 +7,7 @@
 //! features are kept when the file lists feature types.
 
 use super::h5::{self, dataset, is_group, read_index, read_num, read_strings};
-use super::{from_csr_parts, mtx, CellMatrix, ObsColumn, ObsValues};
+use super::{from_csr_parts, kept_ids, mtx, CellMatrix, ObsColumn, ObsValues};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -160,7 +160,7 @@ fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
     let (ptr, idx, val) = mtx::cells_by_genes(&t)?;
     drop(t);
     let idx: Vec<usize> = idx.into_iter().map(|x| x as usize).collect();
-    from_csr_parts(
+    let mut m = from_csr_parts(
         barcodes,
         genes,
         features.len(),
@@ -168,7 +168,25 @@ fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
         &ptr,
         &idx,
         &val,
-    )
+    )?;
+    m.gene_ids = kept_ids(
+        ids,
+        keep.as_deref(),
+        &symbols_kept(&symbols, keep.as_deref()),
+    );
+    Ok(m)
+}
+
+/// The symbols of the kept genes, before they were made unique.
+fn symbols_kept(symbols: &[String], keep: Option<&[Option<u32>]>) -> Vec<String> {
+    match keep {
+        None => symbols.to_vec(),
+        Some(k) => symbols
+            .iter()
+            .zip(k)
+            .filter_map(|(s, k)| k.map(|_| s.clone()))
+            .collect(),
+    }
 }
 
 /// Keep only "Gene Expression" features when types are given and some are other types.
@@ -220,11 +238,16 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
     };
     (|| {
         let barcodes = read_strings(&dataset(&g, "barcodes")?)?;
-        let (symbols, types) = if v3 {
+        let (symbols, types, ids) = if v3 {
             let f = g
                 .group("features")
                 .map_err(|_| Error::format("missing group \"matrix/features\""))?;
             let symbols = read_strings(&dataset(&f, "name")?)?;
+            let ids = if f.link_exists("id") {
+                read_strings(&dataset(&f, "id")?)?
+            } else {
+                Vec::new()
+            };
             let types = if f.link_exists("feature_type") {
                 read_strings(&dataset(&f, "feature_type")?)?
                     .into_iter()
@@ -233,11 +256,16 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
             } else {
                 vec![None; symbols.len()]
             };
-            (symbols, types)
+            (symbols, types, ids)
         } else {
             let symbols = read_strings(&dataset(&g, "gene_names")?)?;
             let n = symbols.len();
-            (symbols, vec![None; n])
+            let ids = if g.link_exists("genes") {
+                read_strings(&dataset(&g, "genes")?)?
+            } else {
+                Vec::new()
+            };
+            (symbols, vec![None; n], ids)
         };
         let shape = read_index(&dataset(&g, "shape")?)?;
         if shape.len() != 2 || shape[0] != symbols.len() || shape[1] != barcodes.len() {
@@ -253,7 +281,7 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
         let indptr = read_index(&dataset(&g, "indptr")?)?;
         let n_features = symbols.len();
         let (keep, genes) = gene_expression_only(&symbols, &types);
-        from_csr_parts(
+        let mut m = from_csr_parts(
             barcodes,
             genes,
             n_features,
@@ -261,7 +289,15 @@ pub fn read_h5(path: &Path) -> Result<CellMatrix> {
             &indptr,
             &indices,
             &data,
-        )
+        )?;
+        if ids.len() == n_features {
+            m.gene_ids = kept_ids(
+                ids,
+                keep.as_deref(),
+                &symbols_kept(&symbols, keep.as_deref()),
+            );
+        }
+        Ok(m)
     })()
     .map_err(ctx)
 }
