@@ -45,7 +45,7 @@ fn pca_options(v: &Value) -> PcaOptions {
     let d = PcaOptions::default();
     let o = PcaOptions {
         n_top_genes: int("n_top_genes", 1, 1_000_000).unwrap_or(d.n_top_genes),
-        n_components: int("n_components", 1, 1000).unwrap_or(d.n_components),
+        n_components: int("n_components", 1, 200).unwrap_or(d.n_components),
         iterations: int("iterations", 1, 100).unwrap_or(d.iterations),
         seed: int("seed", 0, i64::MAX).map_or(d.seed, |x| x as u64),
         max_value: match m.get("max_value") {

@@ -235,6 +235,7 @@ fn concat(a: &CellMatrix, b: &CellMatrix) -> CellMatrix {
             .chain(b.barcodes.iter().map(|x| format!("pbmc3k:{x}")))
             .collect(),
         genes: Vec::new(),
+        gene_ids: Vec::new(),
         indptr: vec![0],
         indices: Vec::new(),
         data: Vec::new(),

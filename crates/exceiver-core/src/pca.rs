@@ -49,9 +49,9 @@ impl Default for PcaOptions {
 
 impl PcaOptions {
     pub fn check(&self) -> Result<()> {
-        if !(1..=1000).contains(&self.n_components) {
+        if !(1..=200).contains(&self.n_components) {
             return Err(Error::invalid(format!(
-                "n_components = {} is out of range 1..1000",
+                "n_components = {} is out of range 1..200",
                 self.n_components
             )));
         }
@@ -550,6 +550,9 @@ mod tests {
             n_top_genes: 40,
             n_components: 5,
             max_value: 2.0, // low enough that clipping happens
+            // iterated to convergence: the default 12 leave a component's variance
+            // ~1e-6 from the oracle's, and the oracle comparison is about correctness
+            iterations: 40,
             threads: 2,
             ..Default::default()
         };
