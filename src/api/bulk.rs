@@ -80,6 +80,64 @@ pub(crate) fn column_type(rel: &str, column: &str) -> Option<String> {
     .or_raise()
 }
 
+/// The dimension of a pgvector dense type as [`column_type`] writes it: `Some(Some(n))`
+/// for `vector(n)` / `halfvec(n)`, `Some(None)` for either without a dimension, `None`
+/// for any other type.
+pub(crate) fn dense_vector_dim(t: &str) -> Option<Option<usize>> {
+    for base in ["vector", "halfvec"] {
+        if t == base {
+            return Some(None);
+        }
+        if let Some(n) = t.strip_prefix(base).and_then(|r| r.strip_prefix('(')).and_then(|r| r.strip_suffix(')')) {
+            return n.parse().ok().map(Some);
+        }
+    }
+    None
+}
+
+/// Refuse (42804) an embedding column that is neither a pgvector `vector` / `halfvec`
+/// nor a `real[]` / `double precision[]`; `t` is its type from [`column_type`].
+pub(crate) fn check_embedding_type(rel: &str, column: &str, t: &str) {
+    if dense_vector_dim(t).is_none() && t != "real[]" && t != "double precision[]" {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("column \"{column}\" of {rel} is {t}, not a vector, halfvec or real[]"),
+            None,
+        );
+    }
+}
+
+/// Check (or create) the column that a bulk function writes `dim`-dimensional rows into:
+/// missing, it is added as `vector(dim)`; a `vector` or `halfvec` of that dimension (or
+/// of none) is used as it is (`halfvec` stores half precision: pgvector's assignment cast
+/// rounds each value); another dimension is a data error built by `mismatch(type, n)`;
+/// any other type is 42804.
+pub(crate) fn ensure_target_column(
+    rel: &str,
+    column: &str,
+    dim: usize,
+    mismatch: impl Fn(&str, usize) -> Error,
+) {
+    match column_type(rel, column) {
+        None => Spi::run(&format!(
+            "ALTER TABLE {rel} ADD COLUMN {} {}.vector({dim})",
+            quote_ident(column),
+            vector_schema()
+        ))
+        .or_raise(),
+        Some(t) => match dense_vector_dim(&t) {
+            Some(None) => {}
+            Some(Some(n)) if n == dim => {}
+            Some(Some(n)) => raise(mismatch(&t, n)),
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("column \"{column}\" of {rel} is {t}, not a pgvector vector or halfvec"),
+                None,
+            ),
+        },
+    }
+}
+
 /// Check that `rel` has the cell-table columns a function reads.
 pub(crate) fn check_cell_table(rel: &str) {
     for (col, want) in [("genes", "text[]"), ("counts", "")] {
@@ -104,8 +162,8 @@ pub(crate) fn check_cell_table(rel: &str) {
     }
 }
 
-/// Embed every row of cell table `source` with `model` into the `vector` column
-/// `target_column` (created as `vector(n)` when missing). Rows whose cells have no
+/// Embed every row of cell table `source` with `model` into the `vector` (or `halfvec`)
+/// column `target_column` (created as `vector(n)` when missing). Rows whose cells have no
 /// counts on the model's genes, or NULL genes/counts, are left NULL and counted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn embed_table(
@@ -141,19 +199,15 @@ fn embed_table(
     let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let col = quote_ident(target_column);
-    match column_type(&rel, target_column) {
-        None => Spi::run(&format!("ALTER TABLE {rel} ADD COLUMN {col} {}.vector({dim})", vector_schema())).or_raise(),
-        Some(t) if t == format!("vector({dim})") || t == "vector" => {}
-        Some(t) if t.starts_with("vector(") => raise(Error::data(format!(
+    ensure_target_column(&rel, target_column, dim, |t, _| {
+        Error::data(format!(
             "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
         ))
-        .with_hint(format!("Use another column, or ALTER TABLE {rel} ALTER COLUMN {col} TYPE vector({dim})."))),
-        Some(t) => raise_code(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("column \"{target_column}\" of {rel} is {t}, not a pgvector vector"),
-            None,
-        ),
-    }
+        .with_hint(format!(
+            "Use another column, or ALTER TABLE {rel} ALTER COLUMN {col} TYPE {}({dim}).",
+            if t.starts_with("halfvec") { "halfvec" } else { "vector" }
+        ))
+    });
     let total = Spi::connect(|c| {
         c.select(&format!("SELECT count(*) FROM {rel}"), Some(1), &[])?
             .first()

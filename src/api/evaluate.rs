@@ -5,13 +5,13 @@
 
 use crate::api::bulk::{label_indices, read_embeddings, relation_name};
 use crate::api::map::require_column;
-use crate::errors::{raise, raise_code, OrRaise};
+use crate::errors::{raise, OrRaise};
 use crate::gucs;
 use crate::security::PinnedSearchPath;
 use exceiver_core::metrics::{evaluate, EvalOptions};
 use exceiver_core::Error;
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
+
 use std::time::Instant;
 
 /// Scores of the embeddings in `embedding_column` of `source` against the labels in
@@ -56,13 +56,7 @@ fn evaluate_embeddings(
     let rel = relation_name(source);
     let _search_path = PinnedSearchPath::new();
     let t = require_column(&rel, embedding_column);
-    if !(t.starts_with("vector") || t == "real[]" || t == "double precision[]") {
-        raise_code(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("column \"{embedding_column}\" of {rel} is {t}, not a vector or real[]"),
-            None,
-        );
-    }
+    crate::api::bulk::check_embedding_type(&rel, embedding_column, &t);
     let mut cols = vec![label_column];
     require_column(&rel, label_column);
     if let Some(b) = batch_column {

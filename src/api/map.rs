@@ -91,13 +91,7 @@ fn embedding_map(
     let _search_path = PinnedSearchPath::new();
     require_column(&rel, "cell_id");
     let t = require_column(&rel, embedding_column);
-    if !(t.starts_with("vector") || t == "real[]" || t == "double precision[]") {
-        raise_code(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("column \"{embedding_column}\" of {rel} is {t}, not a vector or real[]"),
-            None,
-        );
-    }
+    crate::api::bulk::check_embedding_type(&rel, embedding_column, &t);
     let t0 = Instant::now();
     let e = read_embeddings(
         &rel,

@@ -70,13 +70,7 @@ fn transfer_options(v: &Value, k: i32) -> TransferOptions {
 
 fn check_embedding_column(rel: &str, col: &str) {
     let t = require_column(rel, col);
-    if !(t.starts_with("vector") || t == "real[]" || t == "double precision[]") {
-        raise_code(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("column \"{col}\" of {rel} is {t}, not a vector or real[]"),
-            None,
-        );
-    }
+    crate::api::bulk::check_embedding_type(rel, col, &t);
 }
 
 /// Transfer the labels in `label_column` of `reference` to the cells of `query`, by

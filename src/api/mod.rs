@@ -11,3 +11,4 @@ pub mod model;
 pub mod pca;
 pub mod probe;
 pub mod train;
+pub mod trigger;

@@ -2,16 +2,16 @@
 //! highly variable genes, scale, PCA; the algorithm: `exceiver_core::pca`) written into
 //! a vector column, so that a model's metrics can be read beside PCA's.
 
-use crate::api::bulk::{check_cell_table, column_type, relation_name, vector_schema};
+use crate::api::bulk::{check_cell_table, column_type, ensure_target_column, relation_name};
 use crate::api::load::quote_ident;
-use crate::errors::{raise, raise_code, OrRaise};
+use crate::errors::{raise, OrRaise};
 use crate::gucs;
 use crate::security::PinnedSearchPath;
 use exceiver_core::pca::{fit, Collect, GeneScan, PcaOptions};
 use exceiver_core::Error;
 use pgrx::prelude::*;
 use pgrx::spi::SpiError;
-use pgrx::{JsonB, PgMemoryContexts, PgSqlErrorCode};
+use pgrx::{JsonB, PgMemoryContexts};
 use serde_json::Value;
 use std::time::Instant;
 
@@ -143,27 +143,17 @@ fn pca_embed(
     let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let col = quote_ident(target_column);
-    let existing = column_type(&rel, target_column);
-    if let Some(t) = &existing {
-        if !t.starts_with("vector") {
-            raise_code(
-                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("column \"{target_column}\" of {rel} is {t}, not a pgvector vector"),
-                None,
-            );
-        }
-        if t.starts_with("vector(") && *t != format!("vector({})", opts.n_components) {
-            raise(
-                Error::data(format!(
-                    "column \"{target_column}\" of {rel} is {t} but the PCA asks for {} components",
-                    opts.n_components
-                ))
-                .with_hint(format!(
-                    "Use another column, or the option \"n_components\": {}.",
-                    t.trim_start_matches("vector(").trim_end_matches(')')
-                )),
-            );
-        }
+    // the target's type first (before the passes over the table), its dimension once
+    // the PCA knows how many components it found
+    if column_type(&rel, target_column).is_some() {
+        let mismatch = |t: &str, n: usize| {
+            Error::data(format!(
+                "column \"{target_column}\" of {rel} is {t} but the PCA asks for {} components",
+                opts.n_components
+            ))
+            .with_hint(format!("Use another column, or the option \"n_components\": {n}."))
+        };
+        ensure_target_column(&rel, target_column, opts.n_components, mismatch);
     }
     // pass 1: every gene's statistics
     let mut scan = GeneScan::new();
@@ -226,23 +216,12 @@ fn pca_embed(
     })
     .or_raise();
     let k = pca.variance.len();
-    match existing {
-        None => Spi::run(&format!(
-            "ALTER TABLE {rel} ADD COLUMN {col} {}.vector({k})",
-            vector_schema()
+    ensure_target_column(&rel, target_column, k, |t, n| {
+        Error::data(format!(
+            "column \"{target_column}\" of {rel} is {t} but the PCA has {k} components"
         ))
-        .or_raise(),
-        Some(t) if t == format!("vector({k})") || t == "vector" => {}
-        Some(t) => raise(
-            Error::data(format!(
-                "column \"{target_column}\" of {rel} is {t} but the PCA has {k} components"
-            ))
-            .with_hint(format!(
-                "Use another column, or the option \"n_components\": {}.",
-                t.trim_start_matches("vector(").trim_end_matches(')')
-            )),
-        ),
-    }
+        .with_hint(format!("Use another column, or the option \"n_components\": {n}."))
+    });
     let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid");
     let mut written = 0i64;
     let mut batch_mem = PgMemoryContexts::new("exceiver pca_embed batch");

@@ -115,13 +115,7 @@ fn linear_probe(
     for rel in [&train_rel, &test_rel] {
         require_column(rel, label_column);
         let t = require_column(rel, embedding_column);
-        if !(t.starts_with("vector") || t == "real[]" || t == "double precision[]") {
-            raise_code(
-                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("column \"{embedding_column}\" of {rel} is {t}, not a vector or real[]"),
-                None,
-            );
-        }
+        crate::api::bulk::check_embedding_type(rel, embedding_column, &t);
     }
     let keep: Option<HashSet<String>> = (fraction < 1.0).then(|| {
         require_column(&train_rel, "cell_id");
