@@ -29,7 +29,7 @@ PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 DEMO_OUT  ?= out/demo
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress bench cuda fmt check-access
+.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress bench cuda fmt check-access scale
 
 setup:
 	bash scripts/setup.sh
@@ -115,6 +115,12 @@ soak: db check-access
 	PGPORT=$(PGPORT) PGHOST=$(PGHOST) bash scripts/soak.sh
 
 # The catalogue of every error the golden tests provoke, with SQLSTATEs (README, Errors).
+# Not part of `make test`: SCALE_CELLS (1,000,000) cells generated from data/, loaded,
+# embedded, indexed, searched, trained on; results in results/scale_results.txt.
+SCALE_CELLS ?= 1000000
+scale: db check-access
+	SCALE_CELLS=$(SCALE_CELLS) PSQL="$(PSQL)" DB=$(DB) bash scripts/scale.sh
+
 errors: db check-access
 	@start=$$(stat -c %s $(PGDATA)/server.log); $(MAKE) --no-print-directory test-regress >/dev/null && \
 	  sleep 1 && python3 scripts/error_catalogue.py $(PGDATA)/server.log $$start tests/pg_regress/expected/*.out

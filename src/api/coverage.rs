@@ -52,6 +52,7 @@ fn vocabulary_coverage(
         )?;
         loop {
             let t = cur.fetch(1024)?;
+            let _batch = crate::api::bulk::FetchedBatch::new();
             if t.is_empty() {
                 break;
             }

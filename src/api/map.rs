@@ -170,6 +170,7 @@ fn map_png(
         )?;
         loop {
             let rows = cur.fetch(4096)?;
+            let _batch = crate::api::bulk::FetchedBatch::new();
             if rows.is_empty() {
                 break;
             }

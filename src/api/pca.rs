@@ -86,6 +86,7 @@ fn scan_rows(rel: &str, lock: bool, each: &mut dyn FnMut(&Row)) {
         let mut cur = c.try_open_cursor_mut(q.as_str(), &[])?;
         loop {
             let t = cur.fetch(1024)?;
+            let _batch = crate::api::bulk::FetchedBatch::new();
             if t.is_empty() {
                 break;
             }
@@ -232,16 +233,17 @@ fn pca_embed(
         )?;
         for (b, chunk) in tids.chunks(1024).enumerate() {
             unsafe {
-                batch_mem.switch_to(|_| {
-                    for (r, tid) in chunk.iter().enumerate() {
-                        let i = b * 1024 + r;
-                        let v = pca.scores[i * k..(i + 1) * k].to_vec();
-                        written += client
-                            .update(&stmt, None, &[tid.as_str().into(), v.into()])?
-                            .len() as i64;
-                    }
-                    Ok::<_, SpiError>(())
-                })?;
+                // switched per row: each SPI call returns in SPI's procedure context,
+                // where the next row's arguments would otherwise pile up until the end
+                for (r, tid) in chunk.iter().enumerate() {
+                    let i = b * 1024 + r;
+                    let v = pca.scores[i * k..(i + 1) * k].to_vec();
+                    written += batch_mem.switch_to(|_| {
+                        client
+                            .update(&stmt, None, &[tid.as_str().into(), v.into()])
+                            .map(|t| t.len() as i64)
+                    })?;
+                }
                 batch_mem.reset();
             }
             check_for_interrupts!();

@@ -83,6 +83,7 @@ fn fetch_cells(
     with_label: bool,
 ) -> Result<Vec<RawCell>> {
     let t = cur.fetch(n as _).map_err(spi)?;
+    let _batch = crate::api::bulk::FetchedBatch::new();
     let mut out = Vec::with_capacity(t.len());
     for r in t {
         let id: String = r.get(1).map_err(spi)?.unwrap_or_default();

@@ -19,6 +19,7 @@ pub mod plot;
 pub mod preprocess;
 pub mod probe;
 pub mod session;
+pub mod synth;
 pub mod train;
 
 pub use error::{Error, Kind, Result};

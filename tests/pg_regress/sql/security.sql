@@ -130,7 +130,7 @@ SELECT clock_timestamp() - :'t0'::timestamptz < interval '1.5 s' AS embed_stoppe
        NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.kang'::regclass AND attname = 'emb_cancelled') AS no_column_left;
 
 -- the PCA baseline (12 s for Kang), the embedding metrics and the UMAP map (seconds for
--- 8,000 embeddings) stop as promptly and write nothing
+-- 30,000 embeddings) stop as promptly and write nothing
 SELECT clock_timestamp() AS t0 \gset
 SET statement_timeout = '300ms';
 SELECT * FROM exceiver.pca_embed('public.kang', 'pca_cancelled'); \echo :SQLSTATE
@@ -140,7 +140,7 @@ SELECT clock_timestamp() - :'t0'::timestamptz < interval '1.5 s' AS pca_stopped_
 CREATE TEMP TABLE many_embeddings AS
 SELECT 'm' || i AS cell_id, (i % 7)::text AS label,
        ARRAY(SELECT sin(i * 0.37 + j * 1.3) + (i % 7) * 0.1 FROM generate_series(1, 32) j)::real[] AS emb
-FROM generate_series(1, 8000) i;
+FROM generate_series(1, 30000) i;
 SELECT clock_timestamp() AS t0 \gset
 SET statement_timeout = '300ms';
 SELECT * FROM exceiver.evaluate_embeddings('many_embeddings', 'emb', 'label'); \echo :SQLSTATE
