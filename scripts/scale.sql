@@ -142,10 +142,10 @@ SELECT pg_temp.note(7, format('%s cells: disk GB (table + halfvec index), hours 
 FROM (VALUES (1e7), (1e8)) v(m);
 
 \o :results
-\echo '# exceiver scale results'
-\echo
-\echo 'Produced by `make scale` (scripts/scale.sh, scripts/scale.sql) on' `date -u +%Y-%m-%d` 'with' :n 'cells.'
-\echo
+\qecho '# exceiver scale results'
+\qecho
+\qecho 'Produced by `make scale` (scripts/scale.sh, scripts/scale.sql) on' `date -u +%Y-%m-%d` 'with' :n 'cells.'
+\qecho
 SELECT step, what, value FROM scale_results ORDER BY step, ctid;
 \o
 SELECT step, what, value FROM scale_results ORDER BY step, ctid;
