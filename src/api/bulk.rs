@@ -88,7 +88,11 @@ pub(crate) fn dense_vector_dim(t: &str) -> Option<Option<usize>> {
         if t == base {
             return Some(None);
         }
-        if let Some(n) = t.strip_prefix(base).and_then(|r| r.strip_prefix('(')).and_then(|r| r.strip_suffix(')')) {
+        if let Some(n) = t
+            .strip_prefix(base)
+            .and_then(|r| r.strip_prefix('('))
+            .and_then(|r| r.strip_suffix(')'))
+        {
             return n.parse().ok().map(Some);
         }
     }

@@ -152,7 +152,9 @@ fn pca_embed(
                 "column \"{target_column}\" of {rel} is {t} but the PCA asks for {} components",
                 opts.n_components
             ))
-            .with_hint(format!("Use another column, or the option \"n_components\": {n}."))
+            .with_hint(format!(
+                "Use another column, or the option \"n_components\": {n}."
+            ))
         };
         ensure_target_column(&rel, target_column, opts.n_components, mismatch);
     }
@@ -221,7 +223,9 @@ fn pca_embed(
         Error::data(format!(
             "column \"{target_column}\" of {rel} is {t} but the PCA has {k} components"
         ))
-        .with_hint(format!("Use another column, or the option \"n_components\": {n}."))
+        .with_hint(format!(
+            "Use another column, or the option \"n_components\": {n}."
+        ))
     });
     let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid");
     let mut written = 0i64;

@@ -58,9 +58,18 @@ fn type_name(typid: pg_sys::Oid) -> String {
 }
 
 /// Is `new` a change of the cell (genes or counts) from `old`?
-fn cell_changed(old: &PgHeapTuple<'_, AllocatedByPostgres>, new: &PgHeapTuple<'_, AllocatedByPostgres>) -> bool {
+fn cell_changed(
+    old: &PgHeapTuple<'_, AllocatedByPostgres>,
+    new: &PgHeapTuple<'_, AllocatedByPostgres>,
+) -> bool {
     let (g, c) = (cell_arrays(old), cell_arrays(new));
-    let bits = |c: Option<Vec<Option<f32>>>| c.map(|v| v.into_iter().map(|x| x.map(f32::to_bits)).collect::<Vec<_>>());
+    let bits = |c: Option<Vec<Option<f32>>>| {
+        c.map(|v| {
+            v.into_iter()
+                .map(|x| x.map(f32::to_bits))
+                .collect::<Vec<_>>()
+        })
+    };
     g.0 != c.0 || bits(g.1) != bits(c.1)
 }
 
@@ -90,10 +99,16 @@ fn embed_trigger<'a>(
     let usage = "CREATE TRIGGER … BEFORE INSERT OR UPDATE OF genes, counts ON cells FOR EACH ROW \
                  EXECUTE FUNCTION exceiver.embed_trigger('model', 'embedding');";
     let protocol = |msg: String| -> ! {
-        raise_code(PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED, msg, Some(usage))
+        raise_code(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            msg,
+            Some(usage),
+        )
     };
     let name = trigger.name().unwrap_or("?").to_string();
-    if !matches!(trigger.level(), PgTriggerLevel::Row) || !matches!(trigger.when(), Ok(PgTriggerWhen::Before)) {
+    if !matches!(trigger.level(), PgTriggerLevel::Row)
+        || !matches!(trigger.when(), Ok(PgTriggerWhen::Before))
+    {
         protocol(format!(
             "trigger \"{name}\": exceiver.embed_trigger must run BEFORE, FOR EACH ROW"
         ));
@@ -118,7 +133,10 @@ fn embed_trigger<'a>(
             "trigger \"{name}\": exceiver.embed_trigger fires on INSERT or UPDATE only"
         ))
     };
-    for (col, want) in [("genes", pg_sys::TEXTARRAYOID), ("counts", pg_sys::FLOAT4ARRAYOID)] {
+    for (col, want) in [
+        ("genes", pg_sys::TEXTARRAYOID),
+        ("counts", pg_sys::FLOAT4ARRAYOID),
+    ] {
         let c = find_column(&new, col, &table);
         if c.typid != want {
             raise_code(
@@ -175,7 +193,12 @@ fn embed_trigger<'a>(
                     c.len()
                 )));
             }
-            match cell_input_iter(&m, g.len(), g.iter().map(|x| x.as_deref()), c.iter().copied()) {
+            match cell_input_iter(
+                &m,
+                g.len(),
+                g.iter().map(|x| x.as_deref()),
+                c.iter().copied(),
+            ) {
                 Ok((cell, _)) => Some(m.model.embed(&cell.genes, &cell.values).or_raise()),
                 Err(e) if e.kind == Kind::InvalidParameter => None,
                 Err(e) => raise(e.context(format!("trigger \"{name}\" on {table}"))),
@@ -195,7 +218,9 @@ fn embed_trigger<'a>(
             )
         };
         if path != pg_sys::CoercionPathType::COERCION_PATH_FUNC {
-            raise(Error::internal(format!("no assignment cast from real[] to {tname}")));
+            raise(Error::internal(format!(
+                "no assignment cast from real[] to {tname}"
+            )));
         }
         // pgvector's array_to_vector / array_to_halfvec (array, typmod, is_explicit)
         Some(unsafe {

@@ -18,7 +18,10 @@ use std::time::Instant;
 
 fn arg(name: &str) -> Option<String> {
     let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).cloned()
+    a.iter()
+        .position(|x| x == name)
+        .and_then(|i| a.get(i + 1))
+        .cloned()
 }
 
 fn gz(path: &PathBuf) -> std::io::Result<GzEncoder<BufWriter<std::fs::File>>> {
@@ -43,7 +46,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let nnz: u64 = (0..n).map(|i| r.cell(i).genes.len() as u64).sum();
     let mut m = gz(&out.join("matrix.mtx.gz"))?;
     writeln!(m, "%%MatrixMarket matrix coordinate integer general")?;
-    writeln!(m, "% exceiver scale_cells: seed {seed}, min_keep {min_keep}, from PBMC 3k and Kang")?;
+    writeln!(
+        m,
+        "% exceiver scale_cells: seed {seed}, min_keep {min_keep}, from PBMC 3k and Kang"
+    )?;
     writeln!(m, "{} {} {}", r.genes.len(), n, nnz)?;
     let mut b = gz(&out.join("barcodes.tsv.gz"))?;
     let mut written = 0u64;

@@ -43,7 +43,10 @@ impl<'a> Resampler<'a> {
                 "min_keep = {min_keep} must be in (0, 1]"
             )));
         }
-        let mut genes: Vec<String> = sources.iter().flat_map(|m| m.genes.iter().cloned()).collect();
+        let mut genes: Vec<String> = sources
+            .iter()
+            .flat_map(|m| m.genes.iter().cloned())
+            .collect();
         genes.sort();
         genes.dedup();
         let mut gene_ids: Vec<String> = vec![String::new(); genes.len()];
@@ -154,23 +157,37 @@ mod tests {
             let c = r.cell(i);
             // deterministic
             let again = r.cell(i);
-            assert_eq!((c.genes.clone(), c.counts.clone()), (again.genes, again.counts));
+            assert_eq!(
+                (c.genes.clone(), c.counts.clone()),
+                (again.genes, again.counts)
+            );
             assert!(c.genes.windows(2).all(|w| w[0] < w[1]));
             assert!(!c.genes.is_empty());
             let (src, cell) = c.source;
             seen[r.offsets[src] + cell] += 1;
             // counts never exceed the source's, and keep at least half on average
             let (g, x) = r.sources[src].cell(cell);
-            let orig: Vec<(u32, u32)> = g.iter().map(|&k| r.maps[src][k as usize]).zip(x.iter().map(|&v| v as u32)).collect();
+            let orig: Vec<(u32, u32)> = g
+                .iter()
+                .map(|&k| r.maps[src][k as usize])
+                .zip(x.iter().map(|&v| v as u32))
+                .collect();
             for (gi, n) in c.genes.iter().zip(&c.counts) {
-                let o = orig.iter().find(|e| e.0 == *gi).expect("a gene of the source cell");
+                let o = orig
+                    .iter()
+                    .find(|e| e.0 == *gi)
+                    .expect("a gene of the source cell");
                 assert!(*n <= o.1 && *n > 0);
             }
         }
         // every real cell is drawn, roughly uniformly
         assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
         // depth: the 150-count cell keeps between 50 % and 100 % of its counts on average
-        let depth: Vec<u32> = (0..600).map(|i| r.cell(i)).filter(|c| c.source == (0, 0)).map(|c| c.counts.iter().sum()).collect();
+        let depth: Vec<u32> = (0..600)
+            .map(|i| r.cell(i))
+            .filter(|c| c.source == (0, 0))
+            .map(|c| c.counts.iter().sum())
+            .collect();
         let mean = depth.iter().sum::<u32>() as f64 / depth.len() as f64;
         assert!((100.0..125.0).contains(&mean), "mean depth {mean}");
     }

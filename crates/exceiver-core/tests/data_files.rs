@@ -306,6 +306,125 @@ fn write_10x(dir: &Path, v3: bool, mtx: &str) {
     gz(&dir.join("matrix.mtx.gz"), mtx);
 }
 
+/// A folder read the streaming way (`tenx::stream` + `tenx::pipeline`, as `load_10x`
+/// does), falling back to `tenx::read` where the stream says the file is not grouped by
+/// cell. Also says whether it fell back.
+fn streamed(d: &Path) -> exceiver_core::Result<(exceiver_core::data::CellMatrix, bool)> {
+    let Some(s) = tenx::stream(d)? else {
+        return Ok((tenx::read(d)?, true));
+    };
+    let mut m = s.head.clone();
+    let r = tenx::pipeline(s, 2, |b| {
+        assert_eq!(b.first, m.indptr.len() - 1);
+        for i in 0..b.len() {
+            let (g, v) = b.cell(i);
+            m.indices.extend_from_slice(g);
+            m.data.extend_from_slice(v);
+            m.indptr.push(m.indices.len());
+        }
+        Ok(())
+    })?;
+    match r {
+        tenx::Streamed::Done { cells, nonzeros } => {
+            assert_eq!((cells, nonzeros), (m.n_cells(), m.nnz()));
+            m.validate()?;
+            Ok((m, false))
+        }
+        tenx::Streamed::NotGrouped { .. } => Ok((tenx::read(d)?, true)),
+    }
+}
+
+/// Both ways of reading a folder give the same matrix, or the same error.
+fn read_both(d: &Path) -> exceiver_core::Result<exceiver_core::data::CellMatrix> {
+    let whole = tenx::read(d);
+    let stream = streamed(d).map(|(m, _)| m);
+    match (&whole, &stream) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(
+                (
+                    &a.barcodes,
+                    &a.genes,
+                    &a.gene_ids,
+                    &a.indptr,
+                    &a.indices,
+                    &a.data,
+                    &a.obs,
+                    a.renamed_genes
+                ),
+                (
+                    &b.barcodes,
+                    &b.genes,
+                    &b.gene_ids,
+                    &b.indptr,
+                    &b.indices,
+                    &b.data,
+                    &b.obs,
+                    b.renamed_genes
+                )
+            );
+        }
+        (Err(a), Err(b)) => assert_eq!((a.kind, &a.message), (b.kind, &b.message)),
+        _ => panic!("read: {whole:?}\nstream: {stream:?}"),
+    }
+    whole
+}
+
+/// Files grouped by cell stream; others (entries of a cell split up) fall back to the
+/// whole-matrix read, with the same result.
+#[test]
+fn tenx_stream_or_fall_back() {
+    let _turn = serial();
+    let d = tmp("cr-ungrouped");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 4\n2 3 3\n1 1 1\n4 3 4\n3 1 2\n",
+    );
+    let (m, fell_back) = streamed(&d).unwrap();
+    assert!(fell_back);
+    assert_eq!(
+        (m.indptr.clone(), m.indices.clone(), m.data.clone()),
+        (vec![0, 2, 2, 4], vec![0, 2, 1, 3], vec![1.0, 2.0, 3.0, 4.0])
+    );
+    read_both(&d).unwrap();
+    // grouped but unsorted within a cell, and a cell listed before an empty one
+    let d = tmp("cr-grouped");
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 4\n3 1 2\n1 1 1\n4 3 4\n2 3 3\n",
+    );
+    let (m, fell_back) = streamed(&d).unwrap();
+    assert!(!fell_back);
+    assert_eq!(m.indptr, [0, 2, 2, 4]);
+    read_both(&d).unwrap();
+    // a gene twice in one cell, and an error after some cells were streamed
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 4\n1 1 1\n2 2 1\n3 3 1\n3 3 2\n",
+    );
+    assert!(read_both(&d)
+        .unwrap_err()
+        .message
+        .contains("appears more than once"));
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 4\n1 1 1\n2 2 1\n3 3 1\n",
+    );
+    assert!(read_both(&d)
+        .unwrap_err()
+        .message
+        .contains("truncated: 3 of 4"));
+    write_10x(
+        &d,
+        false,
+        "%%MatrixMarket matrix coordinate integer general\n4 3 3\n1 1 1\n2 2 1\n3 3 1\n4 3 1\n",
+    );
+    assert!(read_both(&d).unwrap_err().message.contains("more entries"));
+}
+
 #[test]
 fn tenx_folders() {
     let _turn = serial();
@@ -317,7 +436,7 @@ fn tenx_folders() {
         "barcode\tkind\tscore\nc2\tB\t2\nc0\tT\t1\n",
     )
     .unwrap();
-    let m = tenx::read(&d).unwrap();
+    let m = read_both(&d).unwrap();
     assert_eq!(m.genes, ["A", "B", "A-1", "D"]);
     assert_eq!(
         (m.indptr.clone(), m.indices.clone(), m.data.clone()),
@@ -334,7 +453,7 @@ fn tenx_folders() {
     // Cell Ranger 3: features.tsv with an antibody row that must be dropped
     let d = tmp("cr3");
     write_10x(&d, true, "%%MatrixMarket matrix coordinate integer general\n5 3 5\n1 1 1\n4 1 2\n3 1 99\n2 3 3.5\n5 3 4\n");
-    let m = tenx::read(&d).unwrap();
+    let m = read_both(&d).unwrap();
     assert_eq!(m.genes, ["A", "B", "A-1", "D"]);
     assert_eq!(m.data, [1.0, 2.0, 3.5, 4.0]);
 }
@@ -345,7 +464,7 @@ fn tenx_errors() {
     let d = tmp("cr-missing");
     let e = tenx::read(&d.join("nope")).unwrap_err();
     assert_eq!(e.kind, Kind::FileNotFound, "{e}");
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert_eq!(e.kind, Kind::FileNotFound, "{e}");
     // rows disagree with genes.tsv
     let d = tmp("cr-dims");
@@ -354,7 +473,7 @@ fn tenx_errors() {
         false,
         "%%MatrixMarket matrix coordinate integer general\n5 3 1\n1 1 1\n",
     );
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert!(
         e.message.contains("has 5 rows but") && e.message.contains("lists 4 features"),
         "{e}"
@@ -366,7 +485,7 @@ fn tenx_errors() {
         false,
         "%%MatrixMarket matrix coordinate integer general\n4 2 1\n1 1 1\n",
     );
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert!(
         e.message.contains("has 2 columns but") && e.message.contains("lists 3 barcodes"),
         "{e}"
@@ -383,7 +502,7 @@ fn tenx_errors() {
     );
     let b = std::fs::read(d.join("matrix.mtx.gz")).unwrap();
     std::fs::write(d.join("matrix.mtx.gz"), &b[..b.len() / 2]).unwrap();
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert_eq!(e.kind, Kind::FileFormat, "{e}");
     // duplicate barcodes
     let d = tmp("cr-dup");
@@ -393,7 +512,7 @@ fn tenx_errors() {
         "%%MatrixMarket matrix coordinate integer general\n4 3 1\n1 1 1\n",
     );
     gz(&d.join("barcodes.tsv.gz"), "c0\nc1\nc0\n");
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert!(e.message.contains("duplicate cell barcode"), "{e}");
     // negative count
     let d = tmp("cr-neg");
@@ -402,7 +521,7 @@ fn tenx_errors() {
         false,
         "%%MatrixMarket matrix coordinate real general\n4 3 1\n1 1 -3\n",
     );
-    let e = tenx::read(&d).unwrap_err();
+    let e = read_both(&d).unwrap_err();
     assert_eq!(e.kind, Kind::Data);
 }
 

@@ -51,6 +51,16 @@ SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'bad'); \echo :SQLS
 COPY (SELECT b FROM unnest(ARRAY['c1','c2']) b) TO '/tmp/exceiver_regress_10x/barcodes.tsv';
 SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'ok_small');
 SELECT * FROM ok_small ORDER BY cell_id;
+-- entries not grouped by cell (Cell Ranger groups them; other writers may not): read
+-- whole instead of streamed, with a NOTICE, to the same table
+COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '3 2 3', '2 2 1', '1 1 5', '3 1 2']) l)
+  TO '/tmp/exceiver_regress_10x/matrix.mtx';
+SELECT * FROM exceiver.load_10x('/tmp/exceiver_regress_10x', 'ungrouped');
+SELECT * FROM ungrouped ORDER BY cell_id;
+SELECT obj_description('ungrouped'::regclass, 'pg_class') AS comment;
+DROP TABLE ungrouped;
+COPY (SELECT l FROM unnest(ARRAY['%%MatrixMarket matrix coordinate real general', '3 2 1', '1 1 0.5']) l)
+  TO '/tmp/exceiver_regress_10x/matrix.mtx';
 SELECT to_regclass('bad') IS NULL AS nothing_left_behind;
 -- reading server files needs superuser or pg_read_server_files
 CREATE ROLE exceiver_regress_user;

@@ -28,10 +28,11 @@ fn parse_usize(tok: Option<&str>, line_no: usize, what: &str) -> Result<usize> {
     })
 }
 
-/// Lines of a Matrix Market file, numbered from 1, with read errors that say where.
+/// Lines of a Matrix Market file as bytes (the format is ASCII), numbered from 1, with
+/// read errors that say where.
 struct Lines<R> {
     reader: R,
-    line: String,
+    line: Vec<u8>,
     no: usize,
 }
 
@@ -41,7 +42,7 @@ impl<R: BufRead> Lines<R> {
         self.line.clear();
         self.no += 1;
         let no = self.no;
-        match self.reader.read_line(&mut self.line) {
+        match self.reader.read_until(b'\n', &mut self.line) {
             Ok(0) => Ok(false),
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::format(format!(
@@ -60,6 +61,11 @@ impl<R: BufRead> Lines<R> {
                 format!("read error near line {no}: {e}"),
             )),
         }
+    }
+
+    /// The current line as text (for the header lines and messages).
+    fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.line)
     }
 }
 
@@ -97,8 +103,7 @@ fn parse_banner(line: &str) -> Result<bool> {
     Ok(pattern)
 }
 
-/// The size line `rows cols entries`, checked against itself and against the memory
-/// budget before anything is allocated.
+/// The size line `rows cols entries`, checked against itself.
 fn parse_size(line: &str, line_no: usize) -> Result<(usize, usize, usize)> {
     let mut it = line.split_whitespace();
     let rows = parse_usize(it.next(), line_no, "row count")?;
@@ -115,25 +120,73 @@ fn parse_size(line: &str, line_no: usize) -> Result<(usize, usize, usize)> {
             "{entries} entries declared for a {rows} × {cols} matrix"
         )));
     }
-    // The triplets (12 bytes an entry), then the CSR copy (8 more) and one offset per
-    // cell and gene.
+    Ok((rows, cols, entries))
+}
+
+/// Holding a whole matrix in memory: the triplets (12 bytes an entry), then the CSR
+/// copy (8 more) and one offset per cell and gene, checked against the memory budget
+/// before anything is allocated.
+fn check_in_memory(rows: usize, cols: usize, entries: usize) -> Result<()> {
     crate::limits::check_bytes(
         entries as u128 * 20 + (rows as u128 + cols as u128 + 2) * 8,
         &format!("a Matrix Market matrix of {rows} × {cols} with {entries} entries"),
-    )?;
-    Ok((rows, cols, entries))
+    )
+}
+
+/// A token of an entry line, for messages.
+fn show(tok: &[u8]) -> String {
+    String::from_utf8_lossy(tok).chars().take(40).collect()
+}
+
+/// The next whitespace-separated token of `s` from `*pos`.
+fn token<'a>(s: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+    let mut i = *pos;
+    while i < s.len() && s[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    let start = i;
+    while i < s.len() && !s[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    *pos = i;
+    (i > start).then(|| &s[start..i])
+}
+
+/// A non-negative decimal integer token (at most 19 digits, so it cannot overflow).
+fn uint(tok: &[u8]) -> Option<usize> {
+    if tok.is_empty() || tok.len() > 19 {
+        return None;
+    }
+    let mut v = 0usize;
+    for &b in tok {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + (b - b'0') as usize;
+    }
+    Some(v)
+}
+
+fn index_token(tok: Option<&[u8]>, line_no: usize, what: &str) -> Result<usize> {
+    let t = tok.ok_or_else(|| Error::format(format!("line {line_no}: missing {what}")))?;
+    uint(t).ok_or_else(|| {
+        Error::format(format!(
+            "line {line_no}: {what} \"{}\" is not a non-negative integer",
+            show(t)
+        ))
+    })
 }
 
 /// One entry line: 1-based (row, column) in range, and its value (1 for a pattern).
 fn parse_entry(
-    s: &str,
+    s: &[u8],
     line_no: usize,
     (rows, cols): (usize, usize),
     pattern: bool,
 ) -> Result<(usize, usize, f64)> {
-    let mut it = s.split_ascii_whitespace();
-    let r = parse_usize(it.next(), line_no, "row index")?;
-    let c = parse_usize(it.next(), line_no, "column index")?;
+    let mut pos = 0;
+    let r = index_token(token(s, &mut pos), line_no, "row index")?;
+    let c = index_token(token(s, &mut pos), line_no, "column index")?;
     if r == 0 || r > rows {
         return Err(Error::format(format!(
             "line {line_no}: row index {r} out of range 1..{rows}"
@@ -147,40 +200,124 @@ fn parse_entry(
     let v: f64 = if pattern {
         1.0
     } else {
-        let tok = it
-            .next()
+        let tok = token(s, &mut pos)
             .ok_or_else(|| Error::format(format!("line {line_no}: missing value")))?;
-        tok.parse::<f64>().map_err(|_| {
-            Error::format(format!("line {line_no}: value \"{tok}\" is not a number"))
-        })?
+        // Counts are mostly small integers: parse those directly, anything else as a float.
+        match uint(tok).filter(|_| tok.len() <= 15) {
+            Some(n) => n as f64,
+            None => std::str::from_utf8(tok)
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+                .ok_or_else(|| {
+                    Error::format(format!(
+                        "line {line_no}: value \"{}\" is not a number",
+                        show(tok)
+                    ))
+                })?,
+        }
     };
     check_count(v, || format!("line {line_no} (row {r}, column {c})"))?;
     Ok((r, c, v))
 }
 
-/// Read a Matrix Market coordinate matrix from `reader`. Zero entries are dropped;
-/// values must be finite and non-negative.
-pub fn read<R: BufRead>(reader: R) -> Result<Triplets> {
-    let mut lines = Lines {
-        reader,
-        line: String::with_capacity(128),
-        no: 0,
-    };
-    if !lines.next()? {
-        return Err(Error::format("file is empty"));
-    }
-    let pattern = parse_banner(&lines.line)?;
-    // Skip comments, read the size line.
-    loop {
+/// The entries of a Matrix Market coordinate file, one at a time: the banner and size
+/// line are read and checked by [`Entries::open`], each entry line by
+/// [`Entries::next`], and the end of the file against the declared entry count.
+pub struct Entries<R> {
+    lines: Lines<R>,
+    pattern: bool,
+    /// Rows, columns and entries, as the size line declares them.
+    pub rows: usize,
+    pub cols: usize,
+    pub entries: usize,
+    read: usize,
+}
+
+impl<R: BufRead> Entries<R> {
+    /// Read and check the banner, comments and size line.
+    pub fn open(reader: R) -> Result<Self> {
+        let mut lines = Lines {
+            reader,
+            line: Vec::with_capacity(128),
+            no: 0,
+        };
         if !lines.next()? {
-            return Err(Error::format("file ends before its size line"));
+            return Err(Error::format("file is empty"));
         }
-        let t = lines.line.trim();
-        if !(t.is_empty() || t.starts_with('%')) {
-            break;
+        let pattern = parse_banner(&lines.text())?;
+        // Skip comments, read the size line.
+        loop {
+            if !lines.next()? {
+                return Err(Error::format("file ends before its size line"));
+            }
+            let t = lines.line.trim_ascii();
+            if !(t.is_empty() || t.starts_with(b"%")) {
+                break;
+            }
         }
+        let (rows, cols, entries) = parse_size(&lines.text(), lines.no)?;
+        Ok(Entries {
+            lines,
+            pattern,
+            rows,
+            cols,
+            entries,
+            read: 0,
+        })
     }
-    let (rows, cols, entries) = parse_size(&lines.line, lines.no)?;
+
+    /// The next non-zero entry as 0-based (row, column, value); `None` after the last
+    /// declared entry, once the rest of the file was checked to hold nothing more.
+    /// Values are finite and non-negative; zero entries are skipped.
+    pub fn next(&mut self) -> Result<Option<(u32, u32, f32)>> {
+        while self.read < self.entries {
+            if !self.lines.next()? {
+                return Err(Error::format(format!(
+                    "file is truncated: {} of {} declared entries read",
+                    self.read, self.entries
+                )));
+            }
+            if self.lines.no % 65_536 == 0 {
+                crate::limits::interrupt();
+            }
+            let s = self.lines.line.trim_ascii();
+            if s.is_empty() {
+                continue;
+            }
+            let (r, c, v) = parse_entry(s, self.lines.no, (self.rows, self.cols), self.pattern)?;
+            self.read += 1;
+            if v != 0.0 {
+                return Ok(Some(((r - 1) as u32, (c - 1) as u32, v as f32)));
+            }
+        }
+        // Anything after the declared entries other than blank lines means the header lied.
+        while self.lines.next()? {
+            if !self.lines.line.trim_ascii().is_empty() {
+                return Err(Error::format(format!(
+                    "line {}: more entries than the {} declared",
+                    self.lines.no, self.entries
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The line number of the entry last returned.
+    pub fn line_no(&self) -> usize {
+        self.lines.no
+    }
+}
+
+/// Read a whole Matrix Market coordinate matrix from `reader` into memory. Zero entries
+/// are dropped; values must be finite and non-negative.
+pub fn read<R: BufRead>(reader: R) -> Result<Triplets> {
+    read_entries(Entries::open(reader)?)
+}
+
+/// The rest of an opened file's entries into memory (see [`read`]).
+pub fn read_entries<R: BufRead>(mut e: Entries<R>) -> Result<Triplets> {
+    let (rows, cols, entries) = (e.rows, e.cols, e.entries);
+    check_in_memory(rows, cols, entries)?;
     // Grow with the entries actually read, never from the header's word alone.
     let cap = entries.min(1 << 16);
     let mut t = Triplets {
@@ -190,38 +327,112 @@ pub fn read<R: BufRead>(reader: R) -> Result<Triplets> {
         col: Vec::with_capacity(cap),
         val: Vec::with_capacity(cap),
     };
-    let mut read = 0usize;
-    while read < entries {
-        if !lines.next()? {
-            return Err(Error::format(format!(
-                "file is truncated: {read} of {entries} declared entries read"
-            )));
-        }
-        if lines.no % 65_536 == 0 {
-            crate::limits::interrupt();
-        }
-        let s = lines.line.trim();
-        if s.is_empty() {
-            continue;
-        }
-        let (r, c, v) = parse_entry(s, lines.no, (rows, cols), pattern)?;
-        read += 1;
-        if v != 0.0 {
-            t.row.push((r - 1) as u32);
-            t.col.push((c - 1) as u32);
-            t.val.push(v as f32);
-        }
-    }
-    // Anything after the declared entries other than blank lines means the header lied.
-    while lines.next()? {
-        if !lines.line.trim().is_empty() {
-            return Err(Error::format(format!(
-                "line {}: more entries than the {entries} declared",
-                lines.no
-            )));
-        }
+    while let Some((r, c, v)) = e.next()? {
+        t.row.push(r);
+        t.col.push(c);
+        t.val.push(v);
     }
     Ok(t)
+}
+
+/// What [`Columns::next_column`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnStep {
+    /// Column `0`-based index, its entries in the buffers (possibly none).
+    Column(usize),
+    /// Every column was returned and the file is read to its end.
+    End,
+    /// An entry of an earlier column came after a later column's entries (at this line,
+    /// in this 1-based column): the file is not grouped by column.
+    OutOfOrder { line: usize, column: usize },
+}
+
+/// The columns of a coordinate file one at a time, for files whose entries come
+/// grouped by column in ascending column order (as Cell Ranger and scipy write a
+/// genes × cells matrix). Every column `0..cols` is returned, empty ones included;
+/// rows within a column come out sorted, and a row listed twice is an error.
+pub struct Columns<R> {
+    entries: Entries<R>,
+    next_col: usize,
+    pending: Option<(u32, u32, f32)>,
+    done: bool,
+    order: Vec<usize>,
+}
+
+impl<R: BufRead> Columns<R> {
+    pub fn new(entries: Entries<R>) -> Self {
+        Columns {
+            entries,
+            next_col: 0,
+            pending: None,
+            done: false,
+            order: Vec::new(),
+        }
+    }
+
+    /// Rows, columns and declared entries of the file.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        (self.entries.rows, self.entries.cols, self.entries.entries)
+    }
+
+    fn entry(&mut self) -> Result<Option<(u32, u32, f32)>> {
+        if let Some(e) = self.pending.take() {
+            return Ok(Some(e));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let e = self.entries.next()?;
+        self.done = e.is_none();
+        Ok(e)
+    }
+
+    /// The next column's rows and values into `rows` and `vals` (cleared first).
+    pub fn next_column(&mut self, rows: &mut Vec<u32>, vals: &mut Vec<f32>) -> Result<ColumnStep> {
+        rows.clear();
+        vals.clear();
+        let col = self.next_col;
+        loop {
+            match self.entry()? {
+                None => break,
+                Some((r, c, v)) if c as usize == col => {
+                    rows.push(r);
+                    vals.push(v);
+                }
+                Some(e) if (e.1 as usize) > col => {
+                    self.pending = Some(e);
+                    break;
+                }
+                Some((_, c, _)) => {
+                    return Ok(ColumnStep::OutOfOrder {
+                        line: self.entries.line_no(),
+                        column: c as usize + 1,
+                    })
+                }
+            }
+        }
+        if col >= self.entries.cols {
+            return Ok(ColumnStep::End);
+        }
+        if !rows.windows(2).all(|w| w[0] < w[1]) {
+            self.order.clear();
+            self.order.extend(0..rows.len());
+            self.order.sort_by_key(|&i| rows[i]);
+            let r: Vec<u32> = self.order.iter().map(|&i| rows[i]).collect();
+            let v: Vec<f32> = self.order.iter().map(|&i| vals[i]).collect();
+            *rows = r;
+            *vals = v;
+            if let Some(w) = rows.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::format(format!(
+                    "entry (row {}, column {}) appears more than once",
+                    w[0] + 1,
+                    col + 1
+                )));
+            }
+        }
+        self.next_col += 1;
+        Ok(ColumnStep::Column(col))
+    }
 }
 
 /// Group triplets of a genes × cells matrix by cell into CSR (cells × genes), entries

@@ -7,7 +7,9 @@
 //! features are kept when the file lists feature types.
 
 use super::h5::{self, dataset, is_group, read_index, read_num, read_strings};
-use super::{from_csr_parts, kept_ids, mtx, CellMatrix, ObsColumn, ObsValues};
+use super::{
+    check_unique_barcodes, from_csr_parts, kept_ids, mtx, CellMatrix, ObsColumn, ObsValues,
+};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -39,7 +41,7 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
         (super::isolated::run_file(path, || read_h5(path))?, dir)
     };
     let ann = dir.join("annotations.tsv");
-    if ann.is_file() {
+    if ann.is_file() && m.obs.is_empty() {
         m.obs = read_annotations(&ann, &m.barcodes)?;
     }
     m.validate()?;
@@ -50,9 +52,9 @@ fn find(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
 }
 
-fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
+fn open_text(path: &Path) -> Result<Box<dyn BufRead + Send>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let r: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+    let r: Box<dyn Read + Send> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(f))
     } else {
         Box::new(f)
@@ -97,7 +99,18 @@ fn read_lines(path: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
+/// A Cell Ranger folder's barcodes, features and annotations, read and checked, and its
+/// matrix opened at its first entry.
+struct Folder {
+    /// Everything but the counts: barcodes, unique gene symbols, gene ids, label columns.
+    head: CellMatrix,
+    /// File gene index -> kept gene index, when some features are not gene expression.
+    keep: Option<Vec<Option<u32>>>,
+    entries: mtx::Entries<Box<dyn BufRead + Send>>,
+    mtx_path: PathBuf,
+}
+
+fn open_folder(dir: &Path, mtx_path: &Path) -> Result<Folder> {
     let feat_path = find(
         dir,
         &[
@@ -136,45 +149,257 @@ fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
         symbols.push(f.get(1).unwrap_or(&f[0]).to_string());
         types.push(f.get(2).map(|s| s.to_string()));
     }
-    let t = mtx::read(open_text(mtx_path)?)
-        .map_err(|e| e.context(format!("\"{}\"", mtx_path.display())))?;
-    if t.rows != features.len() {
+    let ctx = |e: Error| e.context(format!("\"{}\"", mtx_path.display()));
+    let entries = mtx::Entries::open(open_text(mtx_path)?).map_err(ctx)?;
+    if entries.rows != features.len() {
         return Err(Error::format(format!(
             "\"{}\" has {} rows but \"{}\" lists {} features",
             mtx_path.display(),
-            t.rows,
+            entries.rows,
             feat_path.display(),
             features.len()
         )));
     }
-    if t.cols != barcodes.len() {
+    if entries.cols != barcodes.len() {
         return Err(Error::format(format!(
             "\"{}\" has {} columns but \"{}\" lists {} barcodes",
             mtx_path.display(),
-            t.cols,
+            entries.cols,
             bc_path.display(),
             barcodes.len()
         )));
     }
-    let (keep, genes) = gene_expression_only(&symbols, &types);
-    let (ptr, idx, val) = mtx::cells_by_genes(&t)?;
-    drop(t);
-    let idx: Vec<usize> = idx.into_iter().map(|x| x as usize).collect();
-    let mut m = from_csr_parts(
+    check_unique_barcodes(&barcodes)?;
+    let (keep, mut genes) = gene_expression_only(&symbols, &types);
+    let renamed_genes = super::make_unique(&mut genes);
+    let gene_ids = kept_ids(
+        ids,
+        keep.as_deref(),
+        &symbols_kept(&symbols, keep.as_deref()),
+    );
+    let mut head = CellMatrix {
         barcodes,
         genes,
-        features.len(),
+        indptr: vec![0],
+        renamed_genes,
+        gene_ids,
+        ..Default::default()
+    };
+    let ann = dir.join("annotations.tsv");
+    if ann.is_file() {
+        head.obs = read_annotations(&ann, &head.barcodes)?;
+    }
+    Ok(Folder {
+        head,
+        keep,
+        entries,
+        mtx_path: mtx_path.to_path_buf(),
+    })
+}
+
+fn read_mtx_folder(dir: &Path, mtx_path: &Path) -> Result<CellMatrix> {
+    let Folder {
+        head,
+        keep,
+        entries,
+        ..
+    } = open_folder(dir, mtx_path)?;
+    let t =
+        mtx::read_entries(entries).map_err(|e| e.context(format!("\"{}\"", mtx_path.display())))?;
+    let n_file_genes = t.rows;
+    let (ptr, idx, val) =
+        mtx::cells_by_genes(&t).map_err(|e| e.context(format!("\"{}\"", mtx_path.display())))?;
+    drop(t);
+    let idx: Vec<usize> = idx.into_iter().map(|x| x as usize).collect();
+    let m = from_csr_parts(
+        head.barcodes,
+        // the symbols are unique already: from_csr_parts finds nothing to rename
+        head.genes,
+        n_file_genes,
         keep.as_deref(),
         &ptr,
         &idx,
         &val,
     )?;
-    m.gene_ids = kept_ids(
-        ids,
-        keep.as_deref(),
-        &symbols_kept(&symbols, keep.as_deref()),
-    );
-    Ok(m)
+    Ok(CellMatrix {
+        renamed_genes: head.renamed_genes,
+        gene_ids: head.gene_ids,
+        obs: head.obs,
+        ..m
+    })
+}
+
+/// A batch of consecutive cells of a [`CellStream`]: cells `first..first + len()` in
+/// CSR (gene indices ascending within a cell).
+#[derive(Debug, Default)]
+pub struct CellBatch {
+    pub first: usize,
+    pub indptr: Vec<usize>,
+    pub indices: Vec<u32>,
+    pub data: Vec<f32>,
+}
+
+impl CellBatch {
+    pub fn len(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The `i`-th cell of the batch (cell `first + i` of the file).
+    pub fn cell(&self, i: usize) -> (&[u32], &[f32]) {
+        let r = self.indptr[i]..self.indptr[i + 1];
+        (&self.indices[r.clone()], &self.data[r])
+    }
+}
+
+/// What one step of a [`CellStream`] gave.
+#[derive(Debug)]
+pub enum Step {
+    Cells(CellBatch),
+    End,
+    /// The matrix is not grouped by cell in ascending order (Cell Ranger and scipy write
+    /// it so; other writers may not): read it whole with [`read`] instead.
+    NotGrouped {
+        line: usize,
+        column: usize,
+    },
+}
+
+/// The cells of a Cell Ranger folder read a batch at a time, in barcode order, so that
+/// memory does not grow with the number of cells. Same checks and messages as [`read`].
+pub struct CellStream {
+    /// Barcodes, genes, gene ids and label columns; no counts.
+    pub head: CellMatrix,
+    keep: Option<Vec<Option<u32>>>,
+    columns: mtx::Columns<Box<dyn BufRead + Send>>,
+    mtx_path: PathBuf,
+    rows: Vec<u32>,
+    vals: Vec<f32>,
+    cells: usize,
+    nonzeros: usize,
+}
+
+/// A stream over the cells of `path` when it is a folder with a Matrix Market file;
+/// `None` for Cell Ranger's `.h5` (read it with [`read`]).
+pub fn stream(path: &Path) -> Result<Option<CellStream>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_dir() {
+        return Ok(None);
+    }
+    let Some(mtx_path) = find(path, &["matrix.mtx.gz", "matrix.mtx"]) else {
+        return Ok(None);
+    };
+    let f = open_folder(path, &mtx_path)?;
+    Ok(Some(CellStream {
+        head: f.head,
+        keep: f.keep,
+        columns: mtx::Columns::new(f.entries),
+        mtx_path: f.mtx_path,
+        rows: Vec::new(),
+        vals: Vec::new(),
+        cells: 0,
+        nonzeros: 0,
+    }))
+}
+
+impl CellStream {
+    /// Cells and non-zero counts returned so far.
+    pub fn counted(&self) -> (usize, usize) {
+        (self.cells, self.nonzeros)
+    }
+
+    /// Up to `max_cells` next cells (at least one per call until the end).
+    pub fn next_batch(&mut self, max_cells: usize) -> Result<Step> {
+        let ctx = |e: Error, p: &Path| e.context(format!("\"{}\"", p.display()));
+        let mut b = CellBatch {
+            first: self.cells,
+            indptr: vec![0],
+            ..Default::default()
+        };
+        while b.len() < max_cells.max(1) {
+            match self
+                .columns
+                .next_column(&mut self.rows, &mut self.vals)
+                .map_err(|e| ctx(e, &self.mtx_path))?
+            {
+                mtx::ColumnStep::Column(_) => {
+                    match &self.keep {
+                        None => {
+                            b.indices.extend_from_slice(&self.rows);
+                            b.data.extend_from_slice(&self.vals);
+                        }
+                        Some(map) => {
+                            for (&r, &v) in self.rows.iter().zip(&self.vals) {
+                                if let Some(k) = map[r as usize] {
+                                    b.indices.push(k);
+                                    b.data.push(v);
+                                }
+                            }
+                        }
+                    }
+                    b.indptr.push(b.indices.len());
+                }
+                mtx::ColumnStep::End => break,
+                mtx::ColumnStep::OutOfOrder { line, column } => {
+                    return Ok(Step::NotGrouped { line, column })
+                }
+            }
+        }
+        if b.is_empty() {
+            return Ok(Step::End);
+        }
+        self.cells += b.len();
+        self.nonzeros += b.data.len();
+        Ok(Step::Cells(b))
+    }
+}
+
+/// How [`pipeline`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streamed {
+    /// Every cell went to the sink: cells and non-zero counts.
+    Done { cells: usize, nonzeros: usize },
+    /// The file is not grouped by cell: nothing more went to the sink.
+    NotGrouped { line: usize, column: usize },
+}
+
+/// Parse `s` on a second thread, `batch` cells at a time, while `sink` consumes the
+/// batches on the calling thread (at most two batches wait between them, so memory stays
+/// flat). An error on either side stops both; `sink` may also unwind (the parsing thread
+/// then stops at its next batch and is joined before the unwinding goes on).
+pub fn pipeline(
+    mut s: CellStream,
+    batch: usize,
+    mut sink: impl FnMut(&CellBatch) -> Result<()>,
+) -> Result<Streamed> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Step>>(2);
+        let parser = &mut s;
+        scope.spawn(move || loop {
+            let step = parser.next_batch(batch);
+            let more = matches!(step, Ok(Step::Cells(_)));
+            if tx.send(step).is_err() || !more {
+                break;
+            }
+        });
+        let (mut cells, mut nonzeros) = (0, 0);
+        loop {
+            match rx.recv() {
+                Ok(Ok(Step::Cells(b))) => {
+                    sink(&b)?;
+                    cells += b.len();
+                    nonzeros += b.data.len();
+                }
+                Ok(Ok(Step::End)) => return Ok(Streamed::Done { cells, nonzeros }),
+                Ok(Ok(Step::NotGrouped { line, column })) => {
+                    return Ok(Streamed::NotGrouped { line, column })
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::internal("the matrix parsing thread stopped")),
+            }
+        }
+    })
 }
 
 /// The symbols of the kept genes, before they were made unique.
