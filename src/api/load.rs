@@ -12,7 +12,7 @@ use exceiver_core::data::{h5ad, tenx, CellMatrix, ObsValues};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Rows inserted per SPI connection; memory is released between batches.
 const INSERT_BATCH: usize = 512;
@@ -323,7 +323,12 @@ fn load(m: CellMatrix, table: &str) -> Loaded {
 /// matrix a batch of cells ahead of the inserts, and memory stays flat in the number of
 /// cells. A matrix not grouped by cell is read whole instead (the rows inserted so far
 /// are truncated away first).
-fn load_streamed(mut s: tenx::CellStream, path: &Path, table: &str) -> Loaded {
+fn load_streamed(
+    mut s: tenx::CellStream,
+    path: &Path,
+    table: &str,
+    relabel: &dyn Fn(exceiver_core::Error) -> exceiver_core::Error,
+) -> Loaded {
     let head = std::mem::take(&mut s.head);
     renamed_notice(head.renamed_genes);
     let qname = qualified_name(table);
@@ -338,6 +343,7 @@ fn load_streamed(mut s: tenx::CellStream, path: &Path, table: &str) -> Loaded {
             check_for_interrupts!();
             Ok(())
         })
+        .map_err(relabel)
         .or_raise();
         let (cells, nonzeros) = match streamed {
             tenx::Streamed::Done { cells, nonzeros } => (cells, nonzeros),
@@ -346,7 +352,7 @@ fn load_streamed(mut s: tenx::CellStream, path: &Path, table: &str) -> Loaded {
                     "the matrix is not grouped by cell (line {line} returns to cell {column}); reading it whole into memory instead"
                 );
                 Spi::run(&format!("TRUNCATE {qname}")).or_raise();
-                let m = tenx::read(path).or_raise();
+                let m = tenx::read(path).map_err(relabel).or_raise();
                 Inserter::new(&m, &qname, &labels).insert_all(&m);
                 (m.n_cells(), m.nnz())
             }
@@ -383,7 +389,7 @@ fn load_10x(
     check_file_access();
     crate::gucs::apply_limits();
     match tenx::stream(Path::new(path)).or_raise() {
-        Some(s) => load_streamed(s, Path::new(path), table_name),
+        Some(s) => load_streamed(s, Path::new(path), table_name, &|e| e),
         None => load(tenx::read(Path::new(path)).or_raise(), table_name),
     }
 }
@@ -408,4 +414,272 @@ fn load_h5ad(
     crate::gucs::apply_limits();
     let m = h5ad::read(Path::new(path)).or_raise();
     load(m, table_name)
+}
+
+// ---------------------------------------------------------------------------------
+// Loading without server-file rights: files the client uploaded as large objects.
+
+/// A private folder in the server's temporary-file directory (`base/pgsql_tmp`, which
+/// PostgreSQL empties at restart), removed when dropped, also while an error unwinds.
+/// Remembers which large object each file came from, for messages.
+struct TempDir(PathBuf, std::cell::RefCell<Vec<(String, String)>>);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        // SAFETY: DataDir is set once at server start and never changes.
+        let data_dir = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) }
+            .to_string_lossy()
+            .into_owned();
+        let base = Path::new(&data_dir).join("base").join("pgsql_tmp");
+        let dir = base.join(format!(
+            "pgsql_tmp_exceiver_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let made = std::fs::create_dir_all(&base).and_then(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir(&dir)
+        });
+        if let Err(e) = made {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_IO_ERROR,
+                format!(
+                    "could not create temporary folder \"{}\": {e}",
+                    dir.display()
+                ),
+                None,
+            );
+        }
+        TempDir(dir, Default::default())
+    }
+
+    /// An error about a copied file, naming the large object instead of the temporary path.
+    fn relabel(&self, mut e: exceiver_core::Error) -> exceiver_core::Error {
+        for (path, what) in self.1.borrow().iter() {
+            e.message = e.message.replace(&format!("\"{path}\""), what);
+        }
+        e
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Bytes read per `lo_get` call.
+const LO_CHUNK: i32 = 4 << 20;
+
+/// Copy large object `lo` into `dir/name` (`name.gz` when it holds gzip data), a chunk at a
+/// time, read with `pg_catalog.lo_get` as the caller: PostgreSQL checks that the caller may
+/// read it (SELECT on the large object) and that it exists. `used` counts the bytes
+/// written to temporary files, held within `temp_file_limit` as PostgreSQL holds its own.
+fn copy_large_object(lo: pg_sys::Oid, dir: &TempDir, name: &str, used: &mut u64) -> PathBuf {
+    use std::io::Write;
+    // SAFETY: a GUC variable, read on the backend's own thread.
+    let limit_kb = unsafe { pg_sys::temp_file_limit };
+    let mut out: Option<(PathBuf, std::io::BufWriter<std::fs::File>)> = None;
+    let mut offset: i64 = 0;
+    loop {
+        let chunk: Vec<u8> = Spi::get_one_with_args::<Vec<u8>>(
+            "SELECT pg_catalog.lo_get($1, $2, $3)",
+            &[lo.into(), offset.into(), LO_CHUNK.into()],
+        )
+        .or_raise()
+        .unwrap_or_default();
+        let (path, w) = out.get_or_insert_with(|| {
+            let gz = chunk.starts_with(&[0x1f, 0x8b]);
+            let file = if gz {
+                format!("{name}.gz")
+            } else {
+                name.to_string()
+            };
+            let path = dir.0.join(&file);
+            dir.1.borrow_mut().push((
+                path.display().to_string(),
+                format!("large object {} ({file})", lo.to_u32()),
+            ));
+            match std::fs::File::create(&path) {
+                Ok(f) => (path, std::io::BufWriter::with_capacity(1 << 20, f)),
+                Err(e) => raise_code(
+                    PgSqlErrorCode::ERRCODE_IO_ERROR,
+                    format!(
+                        "could not create temporary file \"{}\": {e}",
+                        path.display()
+                    ),
+                    None,
+                ),
+            }
+        });
+        *used += chunk.len() as u64;
+        if limit_kb >= 0 && *used > limit_kb as u64 * 1024 {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "copying large object {} needs more than temp_file_limit ({limit_kb}kB) of temporary files",
+                    lo.to_u32()
+                ),
+                Some("Raise temp_file_limit, or load the file from the server's disk."),
+            );
+        }
+        if let Err(e) = w.write_all(&chunk) {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_IO_ERROR,
+                format!("could not write temporary file \"{}\": {e}", path.display()),
+                None,
+            );
+        }
+        offset += chunk.len() as i64;
+        check_for_interrupts!();
+        if chunk.len() < LO_CHUNK as usize {
+            break;
+        }
+    }
+    let Some((path, mut w)) = out else {
+        unreachable!("the loop runs at least once")
+    };
+    if let Err(e) = w.flush() {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("could not write temporary file \"{}\": {e}", path.display()),
+            None,
+        );
+    }
+    path
+}
+
+/// Load a Cell Ranger Matrix Market folder uploaded as large objects (`\lo_import` in
+/// psql, `lo_import` in drivers; gzip-compressed or not): needs only read access to the
+/// large objects and the right to create the table, no server-file privilege.
+fn load_10x_objects(
+    matrix: pg_sys::Oid,
+    features: pg_sys::Oid,
+    barcodes: pg_sys::Oid,
+    annotations: Option<pg_sys::Oid>,
+    table_name: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(cells, i64),
+        name!(genes, i64),
+        name!(nonzeros, i64),
+        name!(label_columns, Vec<String>),
+    ),
+> {
+    crate::gucs::apply_limits();
+    let dir = TempDir::new();
+    let mut used = 0u64;
+    let files = pinned(|| {
+        copy_large_object(matrix, &dir, "matrix.mtx", &mut used);
+        copy_large_object(features, &dir, "features.tsv", &mut used);
+        copy_large_object(barcodes, &dir, "barcodes.tsv", &mut used);
+        if let Some(a) = annotations {
+            copy_large_object(a, &dir, "annotations.tsv", &mut used);
+        }
+        tenx::stream(&dir.0).map_err(|e| dir.relabel(e)).or_raise()
+    });
+    match files {
+        Some(s) => load_streamed(s, &dir.0, table_name, &|e| dir.relabel(e)),
+        None => raise_code(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "the uploaded matrix was not found in its temporary folder",
+            None,
+        ),
+    }
+}
+
+/// `load_10x` for a Cell Ranger folder uploaded as large objects: the matrix
+/// (`matrix.mtx[.gz]`), the features or genes list and the barcodes.
+#[pg_extern(volatile, parallel_unsafe, name = "load_10x_lo")]
+fn load_10x_lo3(
+    matrix: pg_sys::Oid,
+    features: pg_sys::Oid,
+    barcodes: pg_sys::Oid,
+    table_name: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(cells, i64),
+        name!(genes, i64),
+        name!(nonzeros, i64),
+        name!(label_columns, Vec<String>),
+    ),
+> {
+    load_10x_objects(matrix, features, barcodes, None, table_name)
+}
+
+/// `load_10x_lo` with an `annotations.tsv` (header line, barcode first) uploaded too.
+#[pg_extern(volatile, parallel_unsafe, name = "load_10x_lo")]
+fn load_10x_lo4(
+    matrix: pg_sys::Oid,
+    features: pg_sys::Oid,
+    barcodes: pg_sys::Oid,
+    table_name: &str,
+    annotations: pg_sys::Oid,
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(cells, i64),
+        name!(genes, i64),
+        name!(nonzeros, i64),
+        name!(label_columns, Vec<String>),
+    ),
+> {
+    load_10x_objects(matrix, features, barcodes, Some(annotations), table_name)
+}
+
+/// `load_10x` for a Cell Ranger HDF5 matrix (`filtered_feature_bc_matrix.h5`) uploaded as
+/// a large object.
+#[pg_extern(volatile, parallel_unsafe, name = "load_10x_lo")]
+fn load_10x_lo_h5(
+    h5: pg_sys::Oid,
+    table_name: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(cells, i64),
+        name!(genes, i64),
+        name!(nonzeros, i64),
+        name!(label_columns, Vec<String>),
+    ),
+> {
+    crate::gucs::apply_limits();
+    let dir = TempDir::new();
+    let mut used = 0u64;
+    let path = pinned(|| copy_large_object(h5, &dir, "matrix.h5", &mut used));
+    load(
+        tenx::read(&path).map_err(|e| dir.relabel(e)).or_raise(),
+        table_name,
+    )
+}
+
+/// `load_h5ad` for an `.h5ad` file uploaded as a large object.
+#[pg_extern(volatile, parallel_unsafe)]
+fn load_h5ad_lo(
+    h5ad: pg_sys::Oid,
+    table_name: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(table_name, String),
+        name!(cells, i64),
+        name!(genes, i64),
+        name!(nonzeros, i64),
+        name!(label_columns, Vec<String>),
+    ),
+> {
+    crate::gucs::apply_limits();
+    let dir = TempDir::new();
+    let mut used = 0u64;
+    let path = pinned(|| copy_large_object(h5ad, &dir, "data.h5ad", &mut used));
+    load(
+        h5ad::read(&path).map_err(|e| dir.relabel(e)).or_raise(),
+        table_name,
+    )
 }

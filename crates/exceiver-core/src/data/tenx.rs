@@ -2,7 +2,7 @@
 //! `genes.tsv[.gz]` (Cell Ranger 2) or `features.tsv[.gz]` (Cell Ranger 3, with a
 //! feature-type column) and `barcodes.tsv[.gz]`; or Cell Ranger's HDF5 matrix
 //! (`filtered_feature_bc_matrix.h5`, both the v2 and v3 layouts). An optional
-//! `annotations.tsv` (header line, first column the barcode) beside the matrix becomes
+//! `annotations.tsv[.gz]` (header line, first column the barcode) beside the matrix becomes
 //! label columns. As scanpy's `read_10x_mtx` does by default, only "Gene Expression"
 //! features are kept when the file lists feature types.
 
@@ -40,9 +40,10 @@ pub fn read(path: &Path) -> Result<CellMatrix> {
             .unwrap_or_else(|| PathBuf::from("."));
         (super::isolated::run_file(path, || read_h5(path))?, dir)
     };
-    let ann = dir.join("annotations.tsv");
-    if ann.is_file() && m.obs.is_empty() {
-        m.obs = read_annotations(&ann, &m.barcodes)?;
+    if let Some(ann) = find(&dir, &["annotations.tsv", "annotations.tsv.gz"]) {
+        if m.obs.is_empty() {
+            m.obs = read_annotations(&ann, &m.barcodes)?;
+        }
     }
     m.validate()?;
     Ok(m)
@@ -185,8 +186,7 @@ fn open_folder(dir: &Path, mtx_path: &Path) -> Result<Folder> {
         gene_ids,
         ..Default::default()
     };
-    let ann = dir.join("annotations.tsv");
-    if ann.is_file() {
+    if let Some(ann) = find(dir, &["annotations.tsv", "annotations.tsv.gz"]) {
         head.obs = read_annotations(&ann, &head.barcodes)?;
     }
     Ok(Folder {
