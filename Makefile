@@ -7,7 +7,10 @@
 #   make psql      a psql session in it
 #   make demo      the end-to-end demo on the real data in data/ (outputs in out/demo/)
 #   make demo-publish  copy out/demo/ to results/ (the copies the README links)
-#   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files
+#   make test      every test layer: core cargo tests, #[pg_test]s, pg_regress golden files,
+#                  a Python client (psycopg + pgvector, in .venv-client), the sharded cluster
+#   make cluster   a coordinator and two shards on this machine (README, Scaling out); cluster-stop
+#   make scale     load/embed/index/search/train at SCALE_CELLS cells (default 10^6; not part of test)
 #   make bench     the embedding benchmark (see README)
 #   make soak      16 concurrent sessions for 4 minutes; results in out/soak/ (not part of test)
 #   make fuzz      every reader of user bytes under libFuzzer; results in out/fuzz/ (not part of test)
@@ -29,7 +32,7 @@ PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 DEMO_OUT  ?= out/demo
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress bench cuda fmt check-access scale
+.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress test-client test-cluster cluster cluster-stop cluster-reset cluster-bench bench cuda fmt check-access scale
 
 setup:
 	bash scripts/setup.sh
@@ -105,7 +108,37 @@ test: setup
 	$(MAKE) test-core
 	$(MAKE) test-pg
 	$(MAKE) test-regress
+	$(MAKE) test-client
+	$(MAKE) test-cluster
 	@echo "make test: all layers passed"
+
+# A real client: psycopg 3 + the pgvector package read embeddings into numpy and check
+# them against exceiver.embed (tests/client/test_client.py), in a venv of its own.
+CLIENT_VENV := .venv-client
+test-client: db
+	test -x $(CLIENT_VENV)/bin/python || python3 -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/pip install -q --disable-pip-version-check 'psycopg[binary]>=3.1,<3.4' 'pgvector>=0.3,<0.5' 'numpy>=1.24,<3'
+	PGHOST=$(PGHOST) PGPORT=$(PGPORT) PGUSER=$(PGUSER) $(CLIENT_VENV)/bin/python tests/client/test_client.py
+
+# A coordinator and two shard servers (ports CLUSTER_PORT, +1, +2; default 5491-5493) on
+# this machine, PBMC 3k hash-partitioned over the shards (README, Scaling out).
+CLUSTER_PORT ?= 5491
+cluster: install check-access
+	CLUSTER_PORT=$(CLUSTER_PORT) bash scripts/cluster.sh start
+
+cluster-stop:
+	CLUSTER_PORT=$(CLUSTER_PORT) bash scripts/cluster.sh stop
+
+cluster-reset:
+	CLUSTER_PORT=$(CLUSTER_PORT) bash scripts/cluster.sh reset
+
+test-cluster: install check-access
+	CLUSTER_PORT=$(CLUSTER_PORT) bash tests/cluster/test_cluster.sh
+
+# Not part of `make test`: embedding and training throughput on one and two shards
+# against one server; results in results/cluster_results.txt.
+cluster-bench: install check-access
+	CLUSTER_PORT=$(CLUSTER_PORT) bash scripts/cluster_bench.sh
 
 bench: db check-access
 	EXCEIVER_ROOT=$(CURDIR) $(PSQL) -d $(DB) -v ON_ERROR_STOP=1 -f scripts/bench_embed.sql
@@ -114,13 +147,13 @@ bench: db check-access
 soak: db check-access
 	PGPORT=$(PGPORT) PGHOST=$(PGHOST) bash scripts/soak.sh
 
-# The catalogue of every error the golden tests provoke, with SQLSTATEs (README, Errors).
 # Not part of `make test`: SCALE_CELLS (1,000,000) cells generated from data/, loaded,
 # embedded, indexed, searched, trained on; results in results/scale_results.txt.
 SCALE_CELLS ?= 1000000
 scale: db check-access
 	SCALE_CELLS=$(SCALE_CELLS) PSQL="$(PSQL)" DB=$(DB) bash scripts/scale.sh
 
+# The catalogue of every error the golden tests provoke, with SQLSTATEs (README, Errors).
 errors: db check-access
 	@start=$$(stat -c %s $(PGDATA)/server.log); $(MAKE) --no-print-directory test-regress >/dev/null && \
 	  sleep 1 && python3 scripts/error_catalogue.py $(PGDATA)/server.log $$start tests/pg_regress/expected/*.out
