@@ -257,6 +257,10 @@ fn embed_table(
     let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let col = quote_ident(target_column);
+    let shards = foreign_parts(&rel);
+    if shards > 0 {
+        return embed_on_shards(model, &m, &rel, target_column, shards);
+    }
     ensure_target_column(&rel, target_column, dim, |t, _| {
         Error::data(format!(
             "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
@@ -278,8 +282,11 @@ fn embed_table(
     // session updated meanwhile is read in its newest version, so its ctid names exactly
     // the row version this function then writes, and no concurrent update can move it
     // in between. Every write is counted from what UPDATE reports.
-    let query = format!("SELECT ctid::text, genes, counts::real[] FROM {rel} FOR NO KEY UPDATE");
-    let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid");
+    // (tableoid, ctid) names a row in a partitioned table too, where ctids repeat
+    let query = format!(
+        "SELECT ctid::text, genes, counts::real[], tableoid::oid::text FROM {rel} FOR NO KEY UPDATE"
+    );
+    let update = format!("UPDATE {rel} SET {col} = $2 WHERE ctid = $1::tid AND tableoid = $3::oid");
     let start = Instant::now();
     let (mut done, mut skipped, mut written) = (0i64, 0i64, 0i64);
     let mut next_report = total / 10;
@@ -289,17 +296,21 @@ fn embed_table(
     let mut batch_mem = PgMemoryContexts::new("exceiver embed_table batch");
     Spi::connect_mut(|client| {
         let mut cur = client.try_open_cursor_mut(query.as_str(), &[])?;
-        let stmt = client.prepare_mut(update.as_str(), &[pg_sys::TEXTOID.into(), pg_sys::FLOAT4ARRAYOID.into()])?;
+        let stmt = client.prepare_mut(
+            update.as_str(),
+            &[pg_sys::TEXTOID.into(), pg_sys::FLOAT4ARRAYOID.into(), pg_sys::TEXTOID.into()],
+        )?;
         loop {
             // Read one batch as owned copies; the tuple table is freed at once.
-            type Row = (String, Option<Vec<Option<String>>>, Option<Vec<Option<f32>>>);
+            type Row = (String, Option<Vec<Option<String>>>, Option<Vec<Option<f32>>>, String);
             let rows: Vec<Row> = {
                 let t = cur.fetch(batch_size as _)?;
                 let _batch = FetchedBatch::new();
                 let mut out = Vec::with_capacity(t.len());
                 for r in t {
                     let tid: String = r.get(1)?.unwrap_or_default();
-                    out.push((tid, r.get::<Vec<Option<String>>>(2)?, r.get::<Vec<Option<f32>>>(3)?));
+                    let part: String = r.get(4)?.unwrap_or_default();
+                    out.push((tid, r.get::<Vec<Option<String>>>(2)?, r.get::<Vec<Option<f32>>>(3)?, part));
                 }
                 out
             };
@@ -307,7 +318,7 @@ fn embed_table(
                 break;
             }
             let mut inputs: Vec<(usize, CellInput)> = Vec::with_capacity(rows.len());
-            for (k, (tid, genes, counts)) in rows.iter().enumerate() {
+            for (k, (tid, genes, counts, _)) in rows.iter().enumerate() {
                 let (Some(g), Some(c)) = (genes, counts) else {
                     skipped += 1;
                     continue;
@@ -344,7 +355,11 @@ fn embed_table(
                     let v = embs[j * dim..(j + 1) * dim].to_vec();
                     written += batch_mem.switch_to(|_| {
                         client
-                            .update(&stmt, None, &[rows[*k].0.as_str().into(), v.into()])
+                            .update(
+                                &stmt,
+                                None,
+                                &[rows[*k].0.as_str().into(), v.into(), rows[*k].3.as_str().into()],
+                            )
                             .map(|t| t.len() as i64)
                     })?;
                 }
@@ -377,6 +392,85 @@ fn embed_table(
             "embed_table wrote {written} rows but embedded {} cells",
             done - skipped
         )));
+    }
+    let s = start.elapsed().as_secs_f64();
+    TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
+}
+
+/// How many of the leaf partitions of `rel` (or `rel` itself) are foreign tables.
+pub(crate) fn foreign_parts(rel: &str) -> i64 {
+    Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_partition_tree($1::pg_catalog.regclass) t \
+         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid \
+         WHERE t.isleaf AND c.relkind OPERATOR(pg_catalog.=) 'f'",
+        &[rel.into()],
+    )
+    .or_raise()
+    .unwrap_or(0)
+}
+
+/// `embed_table` over a table whose partitions are (or which is) `postgres_fdw` foreign
+/// tables: one `UPDATE` that sets the column to `exceiver.embed_at` with the model pinned
+/// at its version. The function is IMMUTABLE and the servers list exceiver in their
+/// `extensions` option, so the planner ships the whole statement to each shard (a direct
+/// modification) and the cells never leave their shard. The column must exist on the
+/// shards' tables and here (an ALTER here would not reach them).
+fn embed_on_shards(
+    model: &str,
+    m: &crate::api::model::Loaded,
+    rel: &str,
+    target_column: &str,
+    shards: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(cells, i64),
+        name!(skipped, i64),
+        name!(seconds, f64),
+        name!(cells_per_s, f64),
+    ),
+> {
+    let dim = m.model.embedding_len();
+    let col = quote_ident(target_column);
+    match column_type(rel, target_column) {
+        None => raise_code(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{target_column}\" of {rel} does not exist"),
+            Some(&format!(
+                "{rel} has {shards} foreign partitions: add the column to each shard's table and here (ALTER TABLE ... ADD COLUMN {col} vector({dim})); an ALTER here does not reach the shards."
+            )),
+        ),
+        Some(t) => match dense_vector_dim(&t) {
+            Some(None) => {}
+            Some(Some(n)) if n == dim => {}
+            Some(Some(_)) => raise(Error::data(format!(
+                "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
+            ))),
+            None => raise_code(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("column \"{target_column}\" of {rel} is {t}, not a pgvector vector or halfvec"),
+                None,
+            ),
+        },
+    }
+    let version = m.stamp.version;
+    let start = Instant::now();
+    notice!("embed_table: {rel} has {shards} foreign partitions: each shard embeds its own cells");
+    let update = format!(
+        "UPDATE {rel} SET {col} = exceiver.embed_at($1, {version}, genes, counts::real[])"
+    );
+    let (written, skipped) = Spi::connect_mut(|c| {
+        let n = c.update(update.as_str(), None, &[model.into()])?.len() as i64;
+        let nulls = c
+            .select(&format!("SELECT count(*) FROM {rel} WHERE {col} IS NULL"), Some(1), &[])?
+            .first()
+            .get::<i64>(1)?
+            .unwrap_or(0);
+        Ok::<_, SpiError>((n - nulls, nulls))
+    })
+    .or_raise();
+    if skipped > 0 {
+        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
     }
     let s = start.elapsed().as_secs_f64();
     TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))

@@ -1,7 +1,7 @@
 //! Inference beyond the cell embedding: gene embeddings, expression prediction
 //! (imputation), and classification with classifier models.
 
-use crate::api::model::{cell_input, get_model};
+use crate::api::model::{cell_input, get_model, get_model_at};
 use crate::errors::{raise, OrRaise};
 use exceiver_core::{Error, Kind};
 use pgrx::prelude::*;
@@ -113,6 +113,18 @@ fn class_probabilities(
 #[pg_extern(stable, parallel_safe, strict)]
 fn classify(model: &str, genes: Array<&str>, counts: Array<f32>) -> String {
     let m = get_model(model);
+    let p = class_probabilities(&m, &genes, &counts);
+    p.into_iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|x| x.0)
+        .unwrap_or_default()
+}
+
+/// [`classify`] with the model pinned at `version` (`exceiver.model_version`):
+/// IMMUTABLE, so that `postgres_fdw` ships it to the shard that holds the cell.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn classify_at(model: &str, version: i64, genes: Array<&str>, counts: Array<f32>) -> String {
+    let m = get_model_at(model, version);
     let p = class_probabilities(&m, &genes, &counts);
     p.into_iter()
         .max_by(|a, b| a.1.total_cmp(&b.1))

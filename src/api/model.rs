@@ -72,7 +72,7 @@ COMMENT ON VIEW models IS 'exceiver models, one row each (weights left out)';
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Stamp {
     table: u32,
-    version: i64,
+    pub(crate) version: i64,
     xmin: i64,
 }
 
@@ -133,6 +133,32 @@ pub(crate) fn get_model(name: &str) -> Rc<Loaded> {
     let loaded = Rc::new(load_model(name, stamp));
     CACHE.with(|c| c.borrow_mut().insert(name.to_string(), loaded.clone()));
     loaded
+}
+
+/// The model `name` as stored at `version` (its `exceiver.model_version`): 55000 when the
+/// catalog holds another version of it. What the `_at` functions build on: a call pinned
+/// to a version gives the same answer for the same arguments or fails, so it can be
+/// declared IMMUTABLE and shipped to the shards by `postgres_fdw` (README, Scaling out).
+pub(crate) fn get_model_at(name: &str, version: i64) -> Rc<Loaded> {
+    let m = get_model(name);
+    if m.stamp.version != version {
+        raise_code(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "model \"{name}\" is at version {}, not {version}",
+                m.stamp.version
+            ),
+            Some("SELECT exceiver.model_version(name) gives a model's current version; a model re-imported, retrained or replaced gets a new one."),
+        );
+    }
+    m
+}
+
+/// The stored version of model `name`: a number that changes whenever the model is
+/// replaced (never reused), for the version-pinned `_at` functions.
+#[pg_extern(stable, parallel_safe, strict)]
+fn model_version(name: &str) -> i64 {
+    get_model(name).stamp.version
 }
 
 fn load_model(name: &str, stamp: Stamp) -> Loaded {
@@ -264,6 +290,23 @@ fn embed_array(model: &str, genes: Array<&str>, counts: Array<f32>) -> Vec<f32> 
     m.model.embed(&cell.genes, &cell.values).or_raise()
 }
 
+/// [`embed_array`] of the model pinned at `version`, or NULL for a cell with no counts
+/// on the model's genes (as `embed_table` leaves it). IMMUTABLE, so that `postgres_fdw`
+/// ships it to the shard that holds the cell.
+#[pg_extern(immutable, parallel_safe, strict)]
+fn embed_at_array(model: &str, version: i64, genes: Array<&str>, counts: Array<f32>) -> Option<Vec<f32>> {
+    let m = get_model_at(model, version);
+    let (ng, nc) = (genes.len(), counts.len());
+    if ng != nc {
+        raise(Error::shape(format!("genes has {ng} elements but counts has {nc}")));
+    }
+    match cell_input_iter(&m, ng, genes.iter(), counts.iter()) {
+        Ok((cell, _)) => Some(m.model.embed(&cell.genes, &cell.values).or_raise()),
+        Err(e) if e.kind == exceiver_core::Kind::InvalidParameter => None,
+        Err(e) => raise(e),
+    }
+}
+
 extension_sql!(
     r#"
 DO $do$
@@ -276,11 +319,17 @@ BEGIN
     AS 'SELECT exceiver.embed_array(model, genes, counts)::%1$I.vector'$f$, s);
   EXECUTE 'COMMENT ON FUNCTION exceiver.embed(text, text[], real[]) IS '
           '''the cell embedding (processed latent, flattened) as a pgvector vector''';
+  EXECUTE format($f$
+    CREATE FUNCTION exceiver.embed_at(model text, version bigint, genes text[], counts real[]) RETURNS %1$I.vector
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
+    AS 'SELECT exceiver.embed_at_array(model, version, genes, counts)::%1$I.vector'$f$, s);
+  EXECUTE 'COMMENT ON FUNCTION exceiver.embed_at(text, bigint, text[], real[]) IS '
+          '''exceiver.embed with the model pinned at a version (exceiver.model_version): immutable, so postgres_fdw runs it on the shards''';
 END
 $do$;
 "#,
     name = "embed_vector",
-    requires = [embed_array]
+    requires = [embed_array, embed_at_array]
 );
 
 fn text_array(a: &Array<&str>, what: &str) -> Vec<String> {
