@@ -28,6 +28,7 @@ bash scripts/cluster.sh start >/dev/null
 if [ -z "$(q "$PORT" -c "SELECT 1 FROM pg_class WHERE relname = 'kang_local'")" ]; then
   q "$PORT" -c "SELECT cells FROM exceiver.load_h5ad('$PWD/data/kang_ifnb/kang_ifnb.h5ad', 'kang_local')" >/dev/null
 fi
+q "$PORT" -c "ALTER TABLE kang_local DROP COLUMN IF EXISTS embedding"
 cols=$(q "$PORT" -c "SELECT string_agg(format('%I %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum)
                      FROM pg_attribute WHERE attrelid = 'kang_local'::regclass AND attnum > 0 AND NOT attisdropped")
 q "$PORT" -c "DROP TABLE IF EXISTS kang, kang1"
@@ -59,8 +60,7 @@ lag_ms=$(echo "($(now) - $t0) * 1000" | bc -l | xargs printf '%.0f')
 wbytes=$(q "$PORT" -c "SELECT octet_length(weights) FROM exceiver.model_catalog WHERE name = 'bench_small'")
 
 for t in "$S1 kang_p0" "$S1 kang1_p0" "$S2 kang_p1"; do set -- $t; q "$1" -c "ALTER TABLE $2 ADD COLUMN embedding vector($dim)"; done
-q "$PORT" -c "ALTER TABLE kang ADD COLUMN embedding vector($dim)" -c "ALTER TABLE kang1 ADD COLUMN embedding vector($dim)" \
-  -c "ALTER TABLE kang_local DROP COLUMN IF EXISTS embedding"
+q "$PORT" -c "ALTER TABLE kang ADD COLUMN embedding vector($dim)" -c "ALTER TABLE kang1 ADD COLUMN embedding vector($dim)"
 
 # Each call is a new session: every figure includes loading the model into its cache.
 embed() { # embed PORT TABLE [threads]
