@@ -1,6 +1,7 @@
 -- make scale: load, embed, index, search and train at N cells, in one run.
 -- Variables (scripts/scale.sh sets them): dir (the generated Cell Ranger folder), n,
--- nnz, file_bytes, queries, pub_cells, results (the results file, written client-side).
+-- nnz, file_bytes, queries, exact (query cells given an exact reference), pub_cells, mwm
+-- (maintenance_work_mem for the HNSW builds), results (the results file, written client-side).
 \set ON_ERROR_STOP 1
 \pset footer off
 SET client_min_messages = warning;
@@ -29,14 +30,14 @@ SELECT extract(epoch FROM clock_timestamp()) - :t0 AS load_s \gset
 SELECT pg_temp.note(1, 'load_10x: cells, non-zeros, seconds',
                     format('%s, %s, %s', :load_cells, :load_nnz, round(:load_s::numeric, 1)));
 SELECT pg_temp.note(1, 'load_10x: cells/s, MB/s of gzip files, MB/s of raw non-zeros',
-                    format('%s, %s, %s', round(:load_cells / :load_s), round(:file_bytes / 1e6 / :load_s, 1),
-                           round(:load_nnz * 8 / 1e6 / :load_s, 1)));
+                    format('%s, %s, %s', round(:load_cells / :load_s), round(:file_bytes::numeric / 1e6 / :load_s, 1),
+                           round(:load_nnz::numeric * 8 / 1e6 / :load_s, 1)));
 SELECT pg_temp.note(1, 'load_10x: backend peak / current RSS (MB)',
                     format('%s / %s', pg_temp.rss_mb('VmHWM'), pg_temp.rss_mb('VmRSS')));
 SELECT pg_catalog.pg_table_size('scale_cells') AS bytes_loaded \gset
 SELECT pg_temp.note(1, 'table bytes per cell (heap + TOAST) / raw non-zeros (8 bytes each) per cell, ratio',
                     format('%s / %s, %s', round(:bytes_loaded / :load_cells::numeric),
-                           round(:load_nnz * 8 / :load_cells::numeric), round(:bytes_loaded / (:load_nnz * 8)::numeric, 2)));
+                           round(:load_nnz::numeric * 8 / :load_cells::numeric), round(:bytes_loaded / (:load_nnz::numeric * 8)::numeric, 2)));
 SELECT pg_temp.note(1, 'primary key index bytes per cell', round(pg_catalog.pg_relation_size('scale_cells_pkey') / :load_cells::numeric)::text);
 -- the client-side path (no server-file privilege): upload as large objects, then load them
 SELECT extract(epoch FROM clock_timestamp()) AS t0 \gset
@@ -105,7 +106,7 @@ SELECT round(avg(cardinality(genes))) AS genes_per_cell FROM scale_sub \gset
 SELECT pg_temp.note(4, 'expressed genes per cell (mean)', :'genes_per_cell');
 
 \echo '== 5. HNSW indexes: vector and halfvec'
-SET maintenance_work_mem = '4GB';
+SET maintenance_work_mem = :'mwm';
 SET max_parallel_maintenance_workers = 1;
 SELECT extract(epoch FROM clock_timestamp()) AS t0 \gset
 CREATE INDEX scale_emb_hnsw ON scale_cells USING hnsw (emb vector_cosine_ops);
@@ -113,26 +114,28 @@ SELECT extract(epoch FROM clock_timestamp()) - :t0 AS idx_s \gset
 SELECT extract(epoch FROM clock_timestamp()) AS t0 \gset
 CREATE INDEX scale_half_hnsw ON scale_cells USING hnsw (emb_half halfvec_cosine_ops);
 SELECT extract(epoch FROM clock_timestamp()) - :t0 AS half_idx_s \gset
-SELECT pg_temp.note(5, 'HNSW build seconds (m 16, ef_construction 64, maintenance_work_mem 4GB, 1 parallel worker): vector / halfvec',
+SELECT pg_temp.note(5, format('HNSW build seconds (m 16, ef_construction 64, maintenance_work_mem %s, 1 parallel worker): vector / halfvec', :'mwm'),
                     format('%s / %s', round(:idx_s::numeric), round(:half_idx_s::numeric)));
 SELECT pg_temp.note(5, 'HNSW index MB: vector / halfvec',
                     format('%s / %s', round(pg_catalog.pg_relation_size('scale_emb_hnsw') / 1e6), round(pg_catalog.pg_relation_size('scale_half_hnsw') / 1e6)));
 SELECT pg_temp.note(5, 'table without the vector column + halfvec index, over raw non-zeros (8 bytes) + half-precision embeddings: ratio',
-                    round((pg_catalog.pg_table_size('scale_cells') - :load_cells * (4 * :dim + 8) + pg_catalog.pg_relation_size('scale_half_hnsw'))
-                          / (:load_nnz * 8 + :load_cells * 2 * :dim)::numeric, 2)::text);
+                    round((pg_catalog.pg_table_size('scale_cells') - :load_cells::bigint * (4 * :dim + 8) + pg_catalog.pg_relation_size('scale_half_hnsw'))
+                          / (:load_nnz::numeric * 8 + :load_cells::bigint * 2 * :dim)::numeric, 2)::text);
 
 \echo '== 6. nearest neighbours: latency and recall@10 against exact search,' :queries 'query cells'
 CREATE TABLE scale_q AS SELECT cell_id, emb, emb_half FROM scale_cells ORDER BY md5(cell_id) LIMIT :queries;
 SET enable_indexscan = off;
 SET enable_bitmapscan = off;
 SELECT extract(epoch FROM clock_timestamp()) AS t0 \gset
+-- the exact reference for the first :exact query cells (a sequential scan each)
 CREATE TABLE scale_exact AS
-  SELECT q.cell_id AS q, n.cell_id AS n FROM scale_q q,
+  SELECT q.cell_id AS q, n.cell_id AS n FROM (SELECT * FROM scale_q ORDER BY cell_id LIMIT :exact) q,
          LATERAL (SELECT c.cell_id FROM scale_cells c ORDER BY c.emb <=> q.emb LIMIT 10) n;
 SELECT extract(epoch FROM clock_timestamp()) - :t0 AS exact_s \gset
 RESET enable_indexscan;
 RESET enable_bitmapscan;
-SELECT pg_temp.note(6, 'exact search (sequential scan), ms per query', round((1000 * :exact_s / :queries)::numeric)::text);
+SELECT pg_temp.note(6, format('exact search (sequential scan) of %s query cells, ms per query', :exact),
+                    round((1000 * :exact_s / :exact)::numeric)::text);
 CREATE FUNCTION pg_temp.search(half boolean, ef int) RETURNS TABLE(ms float8, hits int) LANGUAGE plpgsql AS $$
 DECLARE r record; t timestamptz; ids text[];
 BEGIN
@@ -147,11 +150,12 @@ BEGIN
       SELECT array_agg(s.cell_id) INTO ids FROM (SELECT c.cell_id FROM scale_cells c ORDER BY c.emb <=> r.emb LIMIT 10) s;
     END IF;
     ms := extract(epoch FROM clock_timestamp() - t) * 1000;
-    hits := (SELECT count(*) FROM scale_exact e WHERE e.q = r.cell_id AND e.n = ANY (ids));
+    hits := CASE WHEN EXISTS (SELECT 1 FROM scale_exact e WHERE e.q = r.cell_id)
+                 THEN (SELECT count(*) FROM scale_exact e WHERE e.q = r.cell_id AND e.n = ANY (ids)) END;
     RETURN NEXT;
   END LOOP;
 END $$;
-SELECT pg_temp.note(6, format('HNSW %s, ef_search %s: p50 / p99 ms, recall@10', CASE WHEN h THEN 'halfvec' ELSE 'vector' END, ef),
+SELECT pg_temp.note(6, format('HNSW %s, ef_search %s: p50 / p99 ms over %s queries, recall@10 over %s', CASE WHEN h THEN 'halfvec' ELSE 'vector' END, ef, :queries, :exact),
                     (SELECT format('%s / %s, %s', round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2),
                                    round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2),
                                    round(avg(hits) / 10, 4))

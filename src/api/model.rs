@@ -53,6 +53,24 @@ CREATE POLICY model_add ON model_catalog FOR INSERT WITH CHECK (owner = current_
 CREATE POLICY model_change ON model_catalog FOR UPDATE
     USING (pg_catalog.pg_has_role(owner, 'USAGE')) WITH CHECK (pg_catalog.pg_has_role(owner, 'USAGE'));
 CREATE POLICY model_drop ON model_catalog FOR DELETE USING (pg_catalog.pg_has_role(owner, 'USAGE'));
+-- A model's version comes from the sequence alone and changes whenever its content does
+-- (an UPDATE of weights, config, genes, scaler, labels or kind, or of the version itself):
+-- the version-pinned functions (embed_at, classify_at) rely on it. Logical replication
+-- copies rows without firing it (a subscriber's apply runs as a replica), so shards keep
+-- the coordinator's numbers.
+CREATE FUNCTION model_catalog_version() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+  IF TG_OP = 'INSERT'
+     OR (NEW.kind, NEW.config, NEW.genes, NEW.scaler_mean, NEW.scaler_std, NEW.labels, NEW.weights, NEW.version)
+        IS DISTINCT FROM (OLD.kind, OLD.config, OLD.genes, OLD.scaler_mean, OLD.scaler_std, OLD.labels, OLD.weights, OLD.version) THEN
+    NEW.version := pg_catalog.nextval('exceiver.model_version_seq'::pg_catalog.regclass);
+  END IF;
+  RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER model_version BEFORE INSERT OR UPDATE ON model_catalog
+  FOR EACH ROW EXECUTE FUNCTION model_catalog_version();
 SELECT pg_catalog.pg_extension_config_dump('model_catalog', '');
 SELECT pg_catalog.pg_extension_config_dump('model_version_seq', '');
 CREATE VIEW models AS

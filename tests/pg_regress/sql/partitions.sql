@@ -21,8 +21,19 @@ SELECT count(*) FILTER (WHERE exceiver.embed_at('ts', exceiver.model_version('ts
 FROM part_cells;
 SELECT exceiver.embed_at('ts', exceiver.model_version('ts'), ARRAY['NOT_A_GENE'], ARRAY[1]::real[]) IS NULL AS no_genes_is_null;
 SELECT provolatile FROM pg_proc WHERE oid IN ('exceiver.embed_at'::regproc, 'exceiver.classify_at'::regproc);
+-- the version changes with the model's content, never otherwise, and only the sequence sets it
+SELECT exceiver.model_version('ts') AS v0 \gset
+UPDATE exceiver.model_catalog SET metrics = metrics || '{"note": 1}', source = source WHERE name = 'ts';
+SELECT exceiver.model_version('ts') = :v0 AS same_after_metrics;
+UPDATE exceiver.model_catalog SET version = 1 WHERE name = 'ts';
+SELECT exceiver.model_version('ts') > :v0 AS renumbered_by_the_sequence;
+SELECT exceiver.model_version('ts') AS v1 \gset
+UPDATE exceiver.model_catalog SET labels = ARRAY['changed'] WHERE name = 'ts';
+SELECT exceiver.model_version('ts') > :v1 AS new_after_labels;
+UPDATE exceiver.model_catalog SET labels = NULL WHERE name = 'ts';
 \set VERBOSITY sqlstate
 SELECT exceiver.embed_at('ts', exceiver.model_version('ts') + 1, ARRAY['G1'], ARRAY[1]::real[]); -- another version
+SELECT exceiver.embed_at('ts', :v1, ARRAY['G1'], ARRAY[1]::real[]); -- a version the model had
 SELECT exceiver.embed_at('nope', 1, ARRAY['G1'], ARRAY[1]::real[]);
 SELECT exceiver.model_version('nope');
 SELECT exceiver.embed_at('ts', exceiver.model_version('ts'), ARRAY['G1', 'G2'], ARRAY[1]::real[]);
