@@ -26,6 +26,8 @@ for p in outs:
         if m and not m.group(2).startswith("ok"):
             rows.add((m.group(1), m.group(2).strip().rstrip("|").strip()))
 names = {
+    "08001": "sqlclient_unable_to_establish_sqlconnection", "39P01": "trigger_protocol_violated",
+    "53400": "configuration_limit_exceeded", "55000": "object_not_in_prerequisite_state",
     "22000": "data_exception", "22004": "null_value_not_allowed", "22023": "invalid_parameter_value",
     "2202E": "array_element_error", "22P02": "invalid_text_representation", "22P04": "bad_copy_file_format",
     "3F000": "invalid_schema_name", "42501": "insufficient_privilege", "42601": "syntax_error",
