@@ -6,7 +6,7 @@
 //! reports progress. Memory is bounded by the batch, not the table.
 
 use crate::api::load::quote_ident;
-use crate::api::model::{cell_input_iter, get_model, CellInput};
+use crate::api::model::{cell_input_iter, get_model, CellInput, Loaded};
 use crate::errors::{raise, raise_code, OrRaise};
 use crate::gucs;
 use crate::security::PinnedSearchPath;
@@ -111,34 +111,45 @@ pub(crate) fn check_embedding_type(rel: &str, column: &str, t: &str) {
     }
 }
 
-/// Check (or create) the column that a bulk function writes `dim`-dimensional rows into:
-/// missing, it is added as `vector(dim)`; a `vector` or `halfvec` of that dimension (or
-/// of none) is used as it is (`halfvec` stores half precision: pgvector's assignment cast
-/// rounds each value); another dimension is a data error built by `mismatch(type, n)`;
-/// any other type is 42804.
+/// Check the column that a bulk function writes `dim`-dimensional rows into: false when
+/// it is missing; a `vector` or `halfvec` of that dimension (or of none) is true
+/// (`halfvec` stores half precision: pgvector's assignment cast rounds each value);
+/// another dimension is a data error built by `mismatch(type, n)`; any other type is 42804.
+pub(crate) fn check_target_column(
+    rel: &str,
+    column: &str,
+    dim: usize,
+    mismatch: impl Fn(&str, usize) -> Error,
+) -> bool {
+    let Some(t) = column_type(rel, column) else {
+        return false;
+    };
+    match dense_vector_dim(&t) {
+        Some(None) => true,
+        Some(Some(n)) if n == dim => true,
+        Some(Some(n)) => raise(mismatch(&t, n)),
+        None => raise_code(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("column \"{column}\" of {rel} is {t}, not a pgvector vector or halfvec"),
+            None,
+        ),
+    }
+}
+
+/// [`check_target_column`], adding the column as `vector(dim)` when it is missing.
 pub(crate) fn ensure_target_column(
     rel: &str,
     column: &str,
     dim: usize,
     mismatch: impl Fn(&str, usize) -> Error,
 ) {
-    match column_type(rel, column) {
-        None => Spi::run(&format!(
+    if !check_target_column(rel, column, dim, mismatch) {
+        Spi::run(&format!(
             "ALTER TABLE {rel} ADD COLUMN {} {}.vector({dim})",
             quote_ident(column),
             vector_schema()
         ))
-        .or_raise(),
-        Some(t) => match dense_vector_dim(&t) {
-            Some(None) => {}
-            Some(Some(n)) if n == dim => {}
-            Some(Some(n)) => raise(mismatch(&t, n)),
-            None => raise_code(
-                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("column \"{column}\" of {rel} is {t}, not a pgvector vector or halfvec"),
-                None,
-            ),
-        },
+        .or_raise();
     }
 }
 
@@ -222,7 +233,8 @@ pub(crate) fn check_cell_table(rel: &str) {
 
 /// Embed every row of cell table `source` with `model` into the `vector` (or `halfvec`)
 /// column `target_column` (created as `vector(n)` when missing). Rows whose cells have no
-/// counts on the model's genes, or NULL genes/counts, are left NULL and counted.
+/// counts on the model's genes, or NULL genes/counts, are left NULL and counted. On a
+/// table with foreign partitions each shard embeds its own cells ([`embed_on_shards`]).
 #[pg_extern(volatile, parallel_unsafe)]
 fn embed_table(
     model: &str,
@@ -247,21 +259,11 @@ fn embed_table(
     device.check_supported().or_raise();
     let m = get_model(model);
     let dim = m.model.embedding_len();
-    // exceiver.device: a GPU (cuda builds) gets the batched candle model; the CPU keeps
-    // the hand-written one on worker threads
-    let on_device = match device {
-        Device::Cpu => None,
-        d => Some(DeviceModel::from_exceiver(&m.model, &d.open().or_raise()).or_raise()),
-    };
     let rel = relation_name(source);
     let _search_path = PinnedSearchPath::new();
     check_cell_table(&rel);
     let col = quote_ident(target_column);
-    let shards = foreign_parts(&rel);
-    if shards > 0 {
-        return embed_on_shards(model, &m, &rel, target_column, shards);
-    }
-    ensure_target_column(&rel, target_column, dim, |t, _| {
+    let mismatch = |t: &str, _: usize| {
         Error::data(format!(
             "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
         ))
@@ -269,7 +271,49 @@ fn embed_table(
             "Use another column, or ALTER TABLE {rel} ALTER COLUMN {col} TYPE {}({dim}).",
             if t.starts_with("halfvec") { "halfvec" } else { "vector" }
         ))
-    });
+    };
+    let start = Instant::now();
+    let shards = foreign_parts(&rel);
+    let (written, skipped) = if shards > 0 {
+        if !check_target_column(&rel, target_column, dim, mismatch) {
+            raise_code(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!("column \"{target_column}\" of {rel} does not exist"),
+                Some(&format!(
+                    "{rel} has {shards} foreign partitions: add the column to each shard's table and here (ALTER TABLE ... ADD COLUMN {col} vector({dim})); an ALTER here does not reach the shards."
+                )),
+            )
+        }
+        embed_on_shards(model, m.stamp.version, &rel, &col, shards)
+    } else {
+        ensure_target_column(&rel, target_column, dim, mismatch);
+        // exceiver.device: a GPU (cuda builds) gets the batched candle model; the CPU keeps
+        // the hand-written one on worker threads
+        let on_device = match device {
+            Device::Cpu => None,
+            d => Some(DeviceModel::from_exceiver(&m.model, &d.open().or_raise()).or_raise()),
+        };
+        embed_in_place(&m, on_device.as_ref(), &rel, &col, batch_size)
+    };
+    if skipped > 0 {
+        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
+    }
+    let s = start.elapsed().as_secs_f64();
+    TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
+}
+
+/// The scan of `embed_table` on a local table: the rows are read through a cursor in
+/// batches of `batch_size`, embedded on `exceiver.threads` worker threads (or the device
+/// model), and written back by key; interrupts are checked and progress reported between
+/// batches. Returns the rows written and the rows skipped.
+fn embed_in_place(
+    m: &Loaded,
+    on_device: Option<&DeviceModel>,
+    rel: &str,
+    col: &str,
+    batch_size: i32,
+) -> (i64, i64) {
+    let dim = m.model.embedding_len();
     let total = Spi::connect(|c| {
         c.select(&format!("SELECT count(*) FROM {rel}"), Some(1), &[])?
             .first()
@@ -334,7 +378,7 @@ fn embed_table(
                 // cannot read fails just below with the same message)
                 let names: Vec<Option<&str>> = g.iter().map(|x| x.as_deref()).collect();
                 let _ = coverage.add_cell(&names, c);
-                match cell_input_iter(&m, g.len(), g.iter().map(|x| x.as_deref()), c.iter().copied()) {
+                match cell_input_iter(m, g.len(), g.iter().map(|x| x.as_deref()), c.iter().copied()) {
                     Ok((cell, _)) => inputs.push((k, cell)),
                     Err(e) if e.kind == Kind::InvalidParameter => skipped += 1,
                     Err(e) => raise(e.context(format!("row {tid}"))),
@@ -343,7 +387,7 @@ fn embed_table(
             let cells: Vec<(&[u32], &[f32])> =
                 inputs.iter().map(|(_, c)| (c.genes.as_slice(), c.values.as_slice())).collect();
             // Worker threads: pure Rust, no PostgreSQL calls.
-            let embs = match &on_device {
+            let embs = match on_device {
                 Some(dm) => dm.embed_batch(&cells),
                 None => m.model.embed_batch(&cells, threads),
             }
@@ -381,9 +425,6 @@ fn embed_table(
         Ok::<_, SpiError>(())
     })
     .or_raise();
-    if skipped > 0 {
-        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
-    }
     if let Some(w) = coverage_warning(&coverage.finish(), &format!("table {rel}")) {
         warning!("{w}");
     }
@@ -393,8 +434,7 @@ fn embed_table(
             done - skipped
         )));
     }
-    let s = start.elapsed().as_secs_f64();
-    TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
+    (written, skipped)
 }
 
 /// How many of the leaf partitions of `rel` (or `rel` itself) are foreign tables.
@@ -410,70 +450,29 @@ pub(crate) fn foreign_parts(rel: &str) -> i64 {
 }
 
 /// `embed_table` over a table whose partitions are (or which is) `postgres_fdw` foreign
-/// tables: one `UPDATE` that sets the column to `exceiver.embed_at` with the model pinned
-/// at its version. The function is IMMUTABLE and the servers list exceiver in their
-/// `extensions` option, so the planner ships the whole statement to each shard (a direct
-/// modification) and the cells never leave their shard. The column must exist on the
-/// shards' tables and here (an ALTER here would not reach them).
-fn embed_on_shards(
-    model: &str,
-    m: &crate::api::model::Loaded,
-    rel: &str,
-    target_column: &str,
-    shards: i64,
-) -> TableIterator<
-    'static,
-    (
-        name!(cells, i64),
-        name!(skipped, i64),
-        name!(seconds, f64),
-        name!(cells_per_s, f64),
-    ),
-> {
-    let dim = m.model.embedding_len();
-    let col = quote_ident(target_column);
-    match column_type(rel, target_column) {
-        None => raise_code(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-            format!("column \"{target_column}\" of {rel} does not exist"),
-            Some(&format!(
-                "{rel} has {shards} foreign partitions: add the column to each shard's table and here (ALTER TABLE ... ADD COLUMN {col} vector({dim})); an ALTER here does not reach the shards."
-            )),
-        ),
-        Some(t) => match dense_vector_dim(&t) {
-            Some(None) => {}
-            Some(Some(n)) if n == dim => {}
-            Some(Some(_)) => raise(Error::data(format!(
-                "column \"{target_column}\" of {rel} is {t} but model \"{model}\" gives {dim} dimensions"
-            ))),
-            None => raise_code(
-                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                format!("column \"{target_column}\" of {rel} is {t}, not a pgvector vector or halfvec"),
-                None,
-            ),
-        },
-    }
-    let version = m.stamp.version;
-    let start = Instant::now();
+/// tables: one `UPDATE` that sets the column `col` (quoted, checked by the caller) to
+/// `exceiver.embed_at` with the model pinned at `version`. The function is IMMUTABLE and
+/// the servers list exceiver in their `extensions` option, so the planner ships the whole
+/// statement to each shard (a direct modification) and the cells never leave their shard.
+/// Returns the rows written and the rows left NULL.
+fn embed_on_shards(model: &str, version: i64, rel: &str, col: &str, shards: i64) -> (i64, i64) {
     notice!("embed_table: {rel} has {shards} foreign partitions: each shard embeds its own cells");
-    let update = format!(
-        "UPDATE {rel} SET {col} = exceiver.embed_at($1, {version}, genes, counts::real[])"
-    );
-    let (written, skipped) = Spi::connect_mut(|c| {
+    let update =
+        format!("UPDATE {rel} SET {col} = exceiver.embed_at($1, {version}, genes, counts::real[])");
+    Spi::connect_mut(|c| {
         let n = c.update(update.as_str(), None, &[model.into()])?.len() as i64;
         let nulls = c
-            .select(&format!("SELECT count(*) FROM {rel} WHERE {col} IS NULL"), Some(1), &[])?
+            .select(
+                &format!("SELECT count(*) FROM {rel} WHERE {col} IS NULL"),
+                Some(1),
+                &[],
+            )?
             .first()
             .get::<i64>(1)?
             .unwrap_or(0);
         Ok::<_, SpiError>((n - nulls, nulls))
     })
-    .or_raise();
-    if skipped > 0 {
-        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
-    }
-    let s = start.elapsed().as_secs_f64();
-    TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
+    .or_raise()
 }
 
 /// Embeddings read from a table: one row per cell with a non-NULL embedding (and

@@ -243,20 +243,30 @@ pub(crate) struct CellInput {
 }
 
 pub(crate) fn cell_input(m: &Loaded, genes: &Array<&str>, counts: &Array<f32>) -> CellInput {
+    try_cell_input(m, genes, counts).or_raise()
+}
+
+/// [`cell_input`] as a result: arrays of different lengths, a bad value, or (kind
+/// `InvalidParameter`) a cell with no counts on the model's genes are errors.
+pub(crate) fn try_cell_input(
+    m: &Loaded,
+    genes: &Array<&str>,
+    counts: &Array<f32>,
+) -> Result<CellInput, Error> {
     let (ng, nc) = (genes.len(), counts.len());
     if ng != nc {
-        raise(
+        return Err(
             Error::shape(format!("genes has {ng} elements but counts has {nc}"))
                 .with_hint("genes and counts must be parallel arrays of the same length."),
         );
     }
-    let (cell, unknown) = cell_input_iter(m, ng, genes.iter(), counts.iter()).or_raise();
+    let (cell, unknown) = cell_input_iter(m, ng, genes.iter(), counts.iter())?;
     if unknown * 2 > ng {
         notice!(
             "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored"
         );
     }
-    cell
+    Ok(cell)
 }
 
 /// Validate and preprocess one cell given as parallel (gene, count) sequences of length
@@ -312,14 +322,15 @@ fn embed_array(model: &str, genes: Array<&str>, counts: Array<f32>) -> Vec<f32> 
 /// on the model's genes (as `embed_table` leaves it). IMMUTABLE, so that `postgres_fdw`
 /// ships it to the shard that holds the cell.
 #[pg_extern(immutable, parallel_safe, strict)]
-fn embed_at_array(model: &str, version: i64, genes: Array<&str>, counts: Array<f32>) -> Option<Vec<f32>> {
+fn embed_at_array(
+    model: &str,
+    version: i64,
+    genes: Array<&str>,
+    counts: Array<f32>,
+) -> Option<Vec<f32>> {
     let m = get_model_at(model, version);
-    let (ng, nc) = (genes.len(), counts.len());
-    if ng != nc {
-        raise(Error::shape(format!("genes has {ng} elements but counts has {nc}")));
-    }
-    match cell_input_iter(&m, ng, genes.iter(), counts.iter()) {
-        Ok((cell, _)) => Some(m.model.embed(&cell.genes, &cell.values).or_raise()),
+    match try_cell_input(&m, &genes, &counts) {
+        Ok(cell) => Some(m.model.embed(&cell.genes, &cell.values).or_raise()),
         Err(e) if e.kind == exceiver_core::Kind::InvalidParameter => None,
         Err(e) => raise(e),
     }

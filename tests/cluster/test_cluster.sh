@@ -29,7 +29,10 @@ contains() { # contains WHAT TEXT PATTERN
 
 bash scripts/cluster.sh start
 
-# A clean start: the models and columns of an earlier run go.
+# A clean start: the models and columns of an earlier run go (and a subscription an
+# interrupted run left disabled is enabled).
+q "$S1" -c "ALTER SUBSCRIPTION exceiver_models_shard1 ENABLE"
+q "$S2" -c "ALTER SUBSCRIPTION exceiver_models_shard2 ENABLE"
 q "$PORT" -c "DELETE FROM exceiver.model_catalog WHERE name LIKE 'cl\_%'"
 for t in "$S1 pbmc3k_p0" "$S2 pbmc3k_p1" "$PORT pbmc3k" "$PORT pbmc3k_local"; do
   set -- $t
@@ -129,7 +132,23 @@ expect "evaluate_embeddings over the shards equals one server" \
   "$(q "$PORT" -c "SELECT cells, accuracy FROM exceiver.evaluate_embeddings('pbmc3k', 'embedding', 'seurat_annotations')" 2>/dev/null)" \
   "$(q "$PORT" -c "SELECT cells, accuracy FROM exceiver.evaluate_embeddings('pbmc3k_local', 'embedding', 'seurat_annotations')" 2>/dev/null)"
 
-# 6. A shard down: a clear error naming it, nothing half-written anywhere.
+# 6. A model not yet on one shard: that shard refuses it (42704, with the remote SQL), and
+#    the shard that did its part first is rolled back with the statement.
+q "$PORT" -c "UPDATE pbmc3k SET embedding = NULL"
+q "$S2" -c "ALTER SUBSCRIPTION exceiver_models_shard2 DISABLE"
+q "$PORT" -c "SELECT model FROM exceiver.train('cl_late', 'pbmc3k', '{\"preset\": \"small\", \"seq_dim\": 8, \"query_len\": 8, \"num_layers\": 1, \"dim_feedforward\": 16, \"epochs\": 1, \"batch_size\": 64, \"min_cells\": 10, \"n_top_genes\": 2000, \"seed\": 2}')" >/dev/null
+vl=$(q "$PORT" -c "SELECT exceiver.model_version('cl_late')")
+until [ "$(q "$S1" -c "SELECT version FROM exceiver.model_catalog WHERE name = 'cl_late'")" = "$vl" ]; do sleep 0.01; done
+err=$(q "$PORT" -c "\\set VERBOSITY verbose" -c "SELECT cells FROM exceiver.embed_table('cl_late', 'pbmc3k', 'embedding')" 2>&1 || true)
+contains "a model missing on shard2: 42704 from the shard" "$err" 'ERROR:  42704: model "cl_late" does not exist'
+err=$(q "$PORT" -c "UPDATE pbmc3k SET embedding = exceiver.embed_at('cl_late', $vl, genes, counts)" 2>&1 || true)
+contains "a plain UPDATE shows the shard's remote SQL" "$err" "remote SQL command: UPDATE public.pbmc3k_p1"
+expect "shard1's part rolled back with the statement" "$(q "$S1" -c "SELECT count(embedding) FROM pbmc3k_p0")" "0"
+q "$S2" -c "ALTER SUBSCRIPTION exceiver_models_shard2 ENABLE"
+until [ "$(q "$S2" -c "SELECT version FROM exceiver.model_catalog WHERE name = 'cl_late'")" = "$vl" ]; do sleep 0.01; done
+contains "once it arrives, every cell is embedded" "$(q "$PORT" -c "SELECT cells || '/' || skipped FROM exceiver.embed_table('cl_late', 'pbmc3k', 'embedding')")" "2700/0"
+
+# 7. A shard down: a clear error naming it, nothing half-written anywhere.
 q "$PORT" -c "UPDATE pbmc3k SET embedding = NULL"
 sudo -u postgres "$PGBIN/pg_ctl" -D "$PWD/.cluster/shard2" -m fast stop >/dev/null
 err=$(q "$PORT" -c "\\set VERBOSITY verbose" -c "SELECT cells FROM exceiver.embed_table('cl_tiny', 'pbmc3k', 'embedding')" 2>&1 || true)
@@ -138,7 +157,7 @@ contains "the error names the shard" "$err" 'server "shard2"'
 bash scripts/cluster.sh start >/dev/null
 expect "nothing written on shard1 by the failed embed_table" "$(q "$S1" -c "SELECT count(embedding) FROM pbmc3k_p0")" "0"
 
-# 7. A model dropped on the coordinator is gone from the shards.
+# 8. A model dropped on the coordinator is gone from the shards.
 q "$PORT" -c "DELETE FROM exceiver.model_catalog WHERE name LIKE 'cl\_%'"
 for i in $(seq 1 3000); do
   [ "$(q "$S1" -c "SELECT count(*) FROM exceiver.model_catalog WHERE name LIKE 'cl\_%'")$(q "$S2" -c "SELECT count(*) FROM exceiver.model_catalog WHERE name LIKE 'cl\_%'")" = "00" ] && break
