@@ -295,9 +295,6 @@ fn embed_table(
         };
         embed_in_place(&m, on_device.as_ref(), &rel, &col, batch_size)
     };
-    if skipped > 0 {
-        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
-    }
     let s = start.elapsed().as_secs_f64();
     TableIterator::once((written, skipped, s, written as f64 / s.max(1e-9)))
 }
@@ -425,6 +422,7 @@ fn embed_in_place(
         Ok::<_, SpiError>(())
     })
     .or_raise();
+    notice_skipped(skipped);
     if let Some(w) = coverage_warning(&coverage.finish(), &format!("table {rel}")) {
         warning!("{w}");
     }
@@ -459,7 +457,7 @@ fn embed_on_shards(model: &str, version: i64, rel: &str, col: &str, shards: i64)
     notice!("embed_table: {rel} has {shards} foreign partitions: each shard embeds its own cells");
     let update =
         format!("UPDATE {rel} SET {col} = exceiver.embed_at($1, {version}, genes, counts::real[])");
-    Spi::connect_mut(|c| {
+    let (written, skipped) = Spi::connect_mut(|c| {
         let n = c.update(update.as_str(), None, &[model.into()])?.len() as i64;
         let nulls = c
             .select(
@@ -472,7 +470,16 @@ fn embed_on_shards(model: &str, version: i64, rel: &str, col: &str, shards: i64)
             .unwrap_or(0);
         Ok::<_, SpiError>((n - nulls, nulls))
     })
-    .or_raise()
+    .or_raise();
+    notice_skipped(skipped);
+    (written, skipped)
+}
+
+/// The NOTICE for cells `embed_table` left NULL.
+fn notice_skipped(skipped: i64) {
+    if skipped > 0 {
+        notice!("{skipped} cells had no counts on the model's genes (or NULL arrays) and were left NULL");
+    }
 }
 
 /// Embeddings read from a table: one row per cell with a non-NULL embedding (and
