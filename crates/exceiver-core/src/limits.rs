@@ -8,10 +8,11 @@
 //! - [`interrupt`]: long loops (file parsing) call it now and then; the embedding
 //!   application installs a check that can abort the work (PostgreSQL's
 //!   `CHECK_FOR_INTERRUPTS`). It runs only on the thread that installed it, so worker
-//!   threads never call into the host.
+//!   threads never call into the host; [`run_workers`] keeps taking it while worker
+//!   threads run (a training step, a batch of embeddings) and stops them between items.
 
 use crate::error::{Error, Kind, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::ThreadId;
 
@@ -84,6 +85,57 @@ pub fn interrupt() {
     }
 }
 
+/// Whether the calling thread holds the interrupt hook.
+fn hook_is_here() -> bool {
+    let hook = *HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    hook.is_some_and(|(tid, _)| tid == std::thread::current().id())
+}
+
+/// Run `jobs` on one scoped thread each and return their results in order, while the
+/// calling thread keeps taking the host's interrupts (every 50 ms, and whenever a job
+/// ends). Each job gets a stop flag to check between its items: when the hook unwinds
+/// (the host cancels the work), the flag is raised, the jobs are waited for (one item
+/// each at most) and the unwind goes on. Without a hook this is a plain scoped join.
+pub fn run_workers<'env, T, F>(jobs: Vec<F>) -> Vec<std::thread::Result<T>>
+where
+    F: FnOnce(&AtomicBool) -> T + Send + 'env,
+    T: Send + 'env,
+{
+    /// Wakes the waiting thread when a job ends, panicking or not.
+    struct Wake(std::thread::Thread);
+    impl Drop for Wake {
+        fn drop(&mut self) {
+            self.0.unpark();
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let watch = hook_is_here();
+    let waiter = std::thread::current();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                let (stop, wake) = (&stop, Wake(waiter.clone()));
+                s.spawn(move || {
+                    let _wake = wake;
+                    job(stop)
+                })
+            })
+            .collect();
+        while watch && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::park_timeout(std::time::Duration::from_millis(50));
+            if let Err(cancel) = std::panic::catch_unwind(interrupt) {
+                stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                std::panic::resume_unwind(cancel);
+            }
+        }
+        handles.into_iter().map(|h| h.join()).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +146,55 @@ mod tests {
         assert_eq!(e.kind, Kind::Limit);
         assert!(e.message.contains("a test needs about"), "{}", e.message);
         assert!(check_bytes(1024, "a test").is_ok());
+    }
+
+    static CANCEL: AtomicBool = AtomicBool::new(false);
+    fn cancel_when_asked() {
+        if CANCEL.load(Ordering::Relaxed) {
+            std::panic::panic_any("cancelled by the host");
+        }
+    }
+
+    #[test]
+    fn workers_stop_between_items_when_the_host_cancels() {
+        use std::sync::atomic::AtomicUsize;
+        use std::time::{Duration, Instant};
+        // without a hook: every job runs to its end, results in order
+        let r = run_workers((0..3).map(|i| move |_: &AtomicBool| i * 10).collect());
+        assert_eq!(r.into_iter().map(|x| x.unwrap()).collect::<Vec<_>>(), [0, 10, 20]);
+
+        // with the hook on this thread: the host cancels 150 ms into jobs of 100 items of
+        // 20 ms each (2 s); they stop within an item, and the cancel goes on
+        set_interrupt_hook(Some(cancel_when_asked));
+        let done = AtomicUsize::new(0);
+        let t0 = Instant::now();
+        let timer = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(150));
+            CANCEL.store(true, Ordering::Relaxed);
+        });
+        let jobs: Vec<_> = (0..2)
+            .map(|_| {
+                let done = &done;
+                move |stop: &AtomicBool| {
+                    for _ in 0..100 {
+                        if stop.load(Ordering::Relaxed) {
+                            return false;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    true
+                }
+            })
+            .collect();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_workers(jobs)));
+        let took = t0.elapsed();
+        set_interrupt_hook(None);
+        timer.join().unwrap();
+        let payload = r.expect_err("the host's cancel must reach the caller");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"cancelled by the host"));
+        assert!(took < Duration::from_secs(1), "stopped after {took:?}");
+        let n = done.load(Ordering::Relaxed);
+        assert!((2..60).contains(&n), "{n} of 200 items ran");
     }
 }

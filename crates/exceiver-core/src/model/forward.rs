@@ -337,28 +337,27 @@ impl Exceiver {
         .min(cells.len());
         self.warm_up();
         let per = cells.len().div_ceil(threads);
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let handles: Vec<_> = out
-                .chunks_mut(per * nd)
-                .zip(cells.chunks(per))
-                .enumerate()
-                .map(|(t, (o, cs))| {
-                    s.spawn(move || -> Result<()> {
-                        for (k, (g, v)) in cs.iter().enumerate() {
-                            self.embed_into(g, v, &mut o[k * nd..(k + 1) * nd])
-                                .map_err(|e| e.context(format!("cell {}", t * per + k)))?;
+        // the calling thread takes the host's interrupts meanwhile; a cancel stops
+        // every thread after its current cell
+        let jobs: Vec<_> = out
+            .chunks_mut(per * nd)
+            .zip(cells.chunks(per))
+            .enumerate()
+            .map(|(t, (o, cs))| {
+                move |stop: &std::sync::atomic::AtomicBool| -> Result<()> {
+                    for (k, (g, v)) in cs.iter().enumerate() {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Err(Error::internal("embedding stopped"));
                         }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::internal("embedding thread panicked")))
-                })
-                .collect()
+                        self.embed_into(g, v, &mut o[k * nd..(k + 1) * nd])
+                            .map_err(|e| e.context(format!("cell {}", t * per + k)))?;
+                    }
+                    Ok(())
+                }
+            })
+            .collect();
+        let results = crate::limits::run_workers(jobs).into_iter().map(|r| {
+            r.unwrap_or_else(|_| Err(Error::internal("embedding thread panicked")))
         });
         for r in results {
             r?;

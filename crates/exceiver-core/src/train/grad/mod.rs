@@ -44,6 +44,7 @@ use super::{StepStats, TrainCell};
 use crate::error::{Error, Result};
 use crate::model::config::Config;
 use crate::model::weights::Params;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A `Params` of the model's shapes with every value zero (a gradient buffer).
 pub fn zero_grads(cfg: &Config) -> Params {
@@ -278,36 +279,32 @@ pub(crate) fn run_batch(
     };
     outs.resize_with(threads, || None);
     let shr = &sh;
-    std::thread::scope(|s| -> Result<()> {
-        let hs: Vec<_> = states
-            .iter_mut()
-            .zip(cells.chunks(per))
-            .zip(outs)
-            .enumerate()
-            .map(|(t, ((st, cs), mut out))| {
-                s.spawn(move || -> Result<()> {
-                    for (k, c) in cs.iter().enumerate() {
-                        let i = t * per + k;
-                        let o = out.as_deref_mut().map(|o| &mut o[k * nd..(k + 1) * nd]);
-                        let gz = emb_grad.map(|g| &g[i * nd..(i + 1) * nd]);
-                        cell_step(shr, c, norm, &mut st.ws, &mut st.acc, backward, o, gz)
-                            .map_err(|e| e.context(format!("cell {i}")))?;
+    // the calling thread takes the host's interrupts while the cells run; a cancel
+    // stops every thread after its current cell
+    let jobs: Vec<_> = states
+        .iter_mut()
+        .zip(cells.chunks(per))
+        .zip(outs)
+        .enumerate()
+        .map(|(t, ((st, cs), mut out))| {
+            move |stop: &AtomicBool| -> Result<()> {
+                for (k, c) in cs.iter().enumerate() {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Error::internal("training step stopped"));
                     }
-                    Ok(())
-                })
-            })
-            .collect();
-        let mut first = Ok(());
-        for h in hs {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(Error::internal("training thread panicked")));
-            if first.is_ok() {
-                first = r;
+                    let i = t * per + k;
+                    let o = out.as_deref_mut().map(|o| &mut o[k * nd..(k + 1) * nd]);
+                    let gz = emb_grad.map(|g| &g[i * nd..(i + 1) * nd]);
+                    cell_step(shr, c, norm, &mut st.ws, &mut st.acc, backward, o, gz)
+                        .map_err(|e| e.context(format!("cell {i}")))?;
+                }
+                Ok(())
             }
-        }
-        first
-    })?;
+        })
+        .collect();
+    for r in crate::limits::run_workers(jobs) {
+        r.unwrap_or_else(|_| Err(Error::internal("training thread panicked")))?;
+    }
     let sse: f64 = states.iter().map(|s| s.acc.sse).sum();
     let ce_sum: f64 = states.iter().map(|s| s.acc.ce).sum();
     let mse = if masked > 0 { sse / masked as f64 } else { 0.0 };
