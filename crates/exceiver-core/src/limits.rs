@@ -161,7 +161,10 @@ mod tests {
         use std::time::{Duration, Instant};
         // without a hook: every job runs to its end, results in order
         let r = run_workers((0..3).map(|i| move |_: &AtomicBool| i * 10).collect());
-        assert_eq!(r.into_iter().map(|x| x.unwrap()).collect::<Vec<_>>(), [0, 10, 20]);
+        assert_eq!(
+            r.into_iter().map(|x| x.unwrap()).collect::<Vec<_>>(),
+            [0, 10, 20]
+        );
 
         // with the hook on this thread: the host cancels 150 ms into jobs of 100 items of
         // 20 ms each (2 s); they stop within an item, and the cancel goes on
@@ -192,7 +195,10 @@ mod tests {
         set_interrupt_hook(None);
         timer.join().unwrap();
         let payload = r.expect_err("the host's cancel must reach the caller");
-        assert_eq!(payload.downcast_ref::<&str>(), Some(&"cancelled by the host"));
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"cancelled by the host")
+        );
         assert!(took < Duration::from_secs(1), "stopped after {took:?}");
         let n = done.load(Ordering::Relaxed);
         assert!((2..60).contains(&n), "{n} of 200 items ran");

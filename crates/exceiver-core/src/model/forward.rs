@@ -356,9 +356,9 @@ impl Exceiver {
                 }
             })
             .collect();
-        let results = crate::limits::run_workers(jobs).into_iter().map(|r| {
-            r.unwrap_or_else(|_| Err(Error::internal("embedding thread panicked")))
-        });
+        let results = crate::limits::run_workers(jobs)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|_| Err(Error::internal("embedding thread panicked"))));
         for r in results {
             r?;
         }
