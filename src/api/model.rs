@@ -261,12 +261,25 @@ pub(crate) fn try_cell_input(
         );
     }
     let (cell, unknown) = cell_input_iter(m, ng, genes.iter(), counts.iter())?;
-    if unknown * 2 > ng {
+    if unknown * 2 > ng && first_report_in_statement() {
         notice!(
-            "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored"
+            "{unknown} of the cell's {ng} genes are not in the model's vocabulary and were ignored (reported once per statement)"
         );
     }
     Ok(cell)
+}
+
+thread_local! {
+    /// Start time of the statement that last reported unknown genes.
+    static REPORTED_IN: std::cell::Cell<i64> = const { std::cell::Cell::new(i64::MIN) };
+}
+
+/// True once per statement: a query over many cells gets one NOTICE about genes outside
+/// the vocabulary, not one per row.
+fn first_report_in_statement() -> bool {
+    // SAFETY: reads the backend's statement start time.
+    let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+    REPORTED_IN.with(|r| r.replace(now) != now)
 }
 
 /// Validate and preprocess one cell given as parallel (gene, count) sequences of length

@@ -27,6 +27,9 @@ SELECT round((a.emb <-> c.emb)::numeric, 5) AS a_c_distance FROM cells a, cells 
 SELECT c.cell_id FROM cells c ORDER BY c.emb <-> (SELECT emb FROM cells WHERE cell_id = 'a'), c.cell_id LIMIT 2;
 -- most genes unknown: a NOTICE
 SELECT vector_dims(exceiver.embed('ts', ARRAY['G1','X1','X2'], ARRAY[1,1,1]::real[]));
+-- ... once per statement, not once per row (three such cells, one NOTICE)
+SELECT count(exceiver.embed('ts', ARRAY['G1','X1','X2'], ARRAY[i,1,1]::real[])) AS embedded
+FROM generate_series(1, 3) i;
 -- STRICT: NULL in, NULL out
 SELECT exceiver.embed('ts', NULL, ARRAY[1]::real[]) IS NULL AS is_null;
 

@@ -111,6 +111,8 @@ CREATE TABLE empty_cells (cell_id text, genes text[], counts real[]);
 SELECT * FROM exceiver.train('x', 'empty_cells'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"min_cells": 1000000}'); \echo :SQLSTATE
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'no_such_column'); \echo :SQLSTATE
+-- frac 0 (no masked genes) is finetune's default, not a plain model's
+SELECT * FROM exceiver.train('x', 'kang_small', '{"frac": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"num_layers": 2}'); \echo :SQLSTATE
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"value_embedding": true}'); \echo :SQLSTATE
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"n_top_genes": 2000}'); \echo :SQLSTATE

@@ -290,7 +290,8 @@ fn prepare(
         None => Scaler::identity(n_genes),
     };
     let n_mask = n_mask_for(o.frac, &nnz);
-    if n_mask == 0 {
+    // frac 0 (finetune only): the classifier alone, on whole cells as classify sees them
+    if n_mask == 0 && o.frac > 0.0 {
         let mut v = nnz.clone();
         v.sort_unstable();
         return Err(Error::invalid(format!(
@@ -474,7 +475,7 @@ fn validate(
         },
     )?;
     let contrastive = if cn > 0 { csum / cn as f64 } else { f64::NAN };
-    if masked == 0 {
+    if masked == 0 && (cells == 0 || trainer.config().num_classes.is_none()) {
         return Ok(Val {
             mse: f64::NAN,
             base: f64::NAN,
@@ -483,9 +484,16 @@ fn validate(
             cells: 0,
         });
     }
+    let per_masked = |x: f64| {
+        if masked > 0 {
+            x / masked as f64
+        } else {
+            f64::NAN
+        }
+    };
     Ok(Val {
-        mse: se / masked as f64,
-        base: base_se / masked as f64,
+        mse: per_masked(se),
+        base: per_masked(base_se),
         ce: ce / cells.max(1) as f64,
         contrastive,
         cells,
@@ -686,8 +694,10 @@ pub fn train(
             e, &clock, train_loss, closs, &v, classifier, contrast,
         ));
         // the objective being minimised, on the validation cells
-        let score = if classifier {
+        let score = if classifier && v.mse.is_finite() {
             v.mse + v.ce
+        } else if classifier {
+            v.ce
         } else if contrast > 0.0 && v.contrastive.is_finite() {
             v.mse + contrast * v.contrastive
         } else {
