@@ -1,10 +1,17 @@
 //! Inference beyond the cell embedding: gene embeddings, expression prediction
 //! (imputation), and classification with classifier models.
 
-use crate::api::model::{cell_input, get_model, get_model_at};
+use crate::api::bulk::{check_cell_table, relation_name, FetchedBatch};
+use crate::api::load::quote_ident;
+use crate::api::map::require_column;
+use crate::api::model::{cell_input, cell_input_iter, get_model, get_model_at, Loaded};
 use crate::errors::{raise, OrRaise};
+use crate::gucs;
+use crate::security::PinnedSearchPath;
+use exceiver_core::probe::{score_proba, softmax};
 use exceiver_core::{Error, Kind};
 use pgrx::prelude::*;
+use std::collections::HashMap;
 
 /// Gene embeddings (rows of the gene embedding matrix) as real[]; the SQL function
 /// `exceiver.gene_embeddings` returns them as pgvector `vector`s.
@@ -77,11 +84,7 @@ fn predict_expression(
     pred
 }
 
-fn class_probabilities(
-    m: &crate::api::model::Loaded,
-    genes: &Array<&str>,
-    counts: &Array<f32>,
-) -> Vec<(String, f32)> {
+fn class_probabilities(m: &Loaded, genes: &Array<&str>, counts: &Array<f32>) -> Vec<(String, f32)> {
     if m.model.config().num_classes.is_none() {
         raise(
             Error::invalid("model is not a classifier")
@@ -89,24 +92,145 @@ fn class_probabilities(
         );
     }
     let cell = cell_input(m, genes, counts);
-    let logits = m
-        .model
-        .classify_logits(&cell.genes, &cell.values)
-        .or_raise();
-    let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let ex: Vec<f64> = logits.iter().map(|&l| ((l - mx) as f64).exp()).collect();
-    let z: f64 = ex.iter().sum();
-    ex.iter()
+    probabilities(m, &cell.genes, &cell.values)
+        .into_iter()
         .enumerate()
-        .map(|(i, &e)| {
+        .map(|(i, p)| {
             let label = m
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(i).cloned())
                 .unwrap_or_else(|| format!("class_{i}"));
-            (label, (e / z) as f32)
+            (label, p as f32)
         })
         .collect()
+}
+
+/// The softmax of a classifier's class logits for a prepared cell.
+fn probabilities(m: &Loaded, genes: &[u32], values: &[f32]) -> Vec<f64> {
+    let logits = m.model.classify_logits(genes, values).or_raise();
+    let mut p: Vec<f64> = logits.iter().map(|&l| l as f64).collect();
+    softmax(&mut p);
+    p
+}
+
+/// How good and how calibrated a classifier is on the labelled cells of a cell table:
+/// the probabilities `classify_proba` gives, scored against `label_column` by the core's
+/// `score_proba` (accuracy, macro-F1, log loss, expected calibration error over 15
+/// bins of the top probability). A label the model does not know counts as wrong with
+/// probability 0 (`unknown_labels`); cells with a NULL label, genes or counts, or no
+/// counts on the model's genes, are skipped and counted. Read through a cursor;
+/// interrupts and `exceiver.max_memory` are checked once per 1,024 rows.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn evaluate_classifier(
+    model: &str,
+    source: &str,
+    label_column: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(cells, i64),
+        name!(skipped, i64),
+        name!(unknown_labels, i64),
+        name!(accuracy, f64),
+        name!(macro_f1, f64),
+        name!(log_loss, f64),
+        name!(ece, f64),
+    ),
+> {
+    let m = get_model(model);
+    let Some(labels) = m.labels.clone() else {
+        raise(
+            Error::invalid(format!("model \"{model}\" is not a classifier"))
+                .with_hint("Use exceiver.finetune() to train a classifier from a model."),
+        )
+    };
+    gucs::apply_limits();
+    let rel = relation_name(source);
+    let _search_path = PinnedSearchPath::new();
+    check_cell_table(&rel);
+    require_column(&rel, label_column);
+    let index: HashMap<&str, u32> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i as u32))
+        .collect();
+    let classes = labels.len();
+    let (mut proba, mut y) = (Vec::<f64>::new(), Vec::<u32>::new());
+    let (mut skipped, mut unknown) = (0i64, 0i64);
+    let query = format!(
+        "SELECT genes, counts::real[], {}::text FROM {rel}",
+        quote_ident(label_column)
+    );
+    Spi::connect(|c| {
+        let mut cur = c.try_open_cursor(&query, &[])?;
+        loop {
+            let rows = cur.fetch(1024)?;
+            let _batch = FetchedBatch::new();
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let (Some(g), Some(x), Some(label)) = (
+                    row.get::<Vec<Option<String>>>(1)?,
+                    row.get::<Vec<Option<f32>>>(2)?,
+                    row.get::<String>(3)?,
+                ) else {
+                    skipped += 1;
+                    continue;
+                };
+                if g.len() != x.len() {
+                    raise(Error::shape(format!(
+                        "a cell of {rel} has {} genes but {} counts",
+                        g.len(),
+                        x.len()
+                    )));
+                }
+                let cell = match cell_input_iter(
+                    &m,
+                    g.len(),
+                    g.iter().map(|s| s.as_deref()),
+                    x.into_iter(),
+                ) {
+                    Ok((cell, _)) => cell,
+                    Err(e) if e.kind == Kind::InvalidParameter => {
+                        skipped += 1;
+                        continue;
+                    }
+                    Err(e) => raise(e),
+                };
+                proba.extend(probabilities(&m, &cell.genes, &cell.values));
+                y.push(index.get(label.as_str()).copied().unwrap_or_else(|| {
+                    unknown += 1;
+                    classes as u32
+                }));
+            }
+            exceiver_core::limits::check_bytes(
+                proba.len() as u128 * 8 + y.len() as u128 * 4,
+                &format!("scoring the cells of {rel}"),
+            )
+            .or_raise();
+            check_for_interrupts!();
+        }
+        Ok::<_, pgrx::spi::SpiError>(())
+    })
+    .or_raise();
+    if y.is_empty() {
+        raise(Error::invalid(format!(
+            "{rel} has no cell with a label in \"{label_column}\" and counts on the model's genes ({skipped} skipped)"
+        )));
+    }
+    let s = score_proba(&proba, classes, &y);
+    TableIterator::once((
+        y.len() as i64,
+        skipped,
+        unknown,
+        s.accuracy,
+        s.macro_f1,
+        s.log_loss,
+        s.ece,
+    ))
 }
 
 /// The most probable label of a cell under a classifier model.

@@ -93,7 +93,8 @@ impl Logistic {
     }
 }
 
-fn softmax(v: &mut [f64]) {
+/// Softmax in place (shifted by the maximum).
+pub fn softmax(v: &mut [f64]) {
     let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut s = 0.0;
     for x in v.iter_mut() {

@@ -68,6 +68,22 @@ SELECT metrics->'options'->>'contrastive' AS contrastive FROM exceiver.model_cat
 SELECT exceiver.classify('tiny_stim', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
 SELECT count(*) AS labels, round(sum(probability)::numeric, 4) AS total
 FROM (SELECT * FROM kang_small LIMIT 1) k, exceiver.classify_proba('tiny_stim', k.genes, k.counts);
+-- a classifier's accuracy and calibration on a labelled table: the same accuracy as
+-- classify row by row; a label the model never saw counts as wrong; NULL labels skipped
+CREATE TABLE stim_eval AS SELECT cell_id, genes, counts, stim FROM kang_small;
+UPDATE stim_eval SET stim = 'OTHER' WHERE cell_id IN (SELECT cell_id FROM stim_eval ORDER BY cell_id LIMIT 3);
+UPDATE stim_eval SET stim = NULL WHERE cell_id IN (SELECT cell_id FROM stim_eval ORDER BY cell_id DESC LIMIT 2);
+SELECT e.cells, e.skipped, e.unknown_labels,
+       abs(e.accuracy - (SELECT avg((exceiver.classify('tiny_stim', genes, counts) = stim)::int) FROM stim_eval WHERE stim IS NOT NULL)) < 1e-12 AS accuracy_as_classify,
+       e.macro_f1 BETWEEN 0 AND 1 AS f1_in_range, e.log_loss > 0 AS log_loss_positive, e.ece BETWEEN 0 AND 1 AS ece_in_range
+FROM exceiver.evaluate_classifier('tiny_stim', 'stim_eval', 'stim') e;
+SELECT * FROM exceiver.evaluate_classifier('tiny', 'stim_eval', 'stim'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_classifier('tiny_stim', 'stim_eval', 'no_such_column'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_classifier('tiny_stim', 'no_such_table', 'stim'); \echo :SQLSTATE
+SELECT * FROM exceiver.evaluate_classifier('tiny_stim', 'stim_eval WHERE false', 'stim'); \echo :SQLSTATE
+DELETE FROM stim_eval WHERE stim IS NOT NULL;
+SELECT * FROM exceiver.evaluate_classifier('tiny_stim', 'stim_eval', 'stim'); \echo :SQLSTATE
+DROP TABLE stim_eval;
 
 -- bad input
 SELECT * FROM exceiver.train('tiny', 'kang_small'); \echo :SQLSTATE

@@ -478,7 +478,13 @@ mod tests {
     fn finetune_defaults_train_the_classifier_on_whole_cells() {
         let o = Options::for_finetune(&json!({})).unwrap();
         assert_eq!(
-            (o.frac, o.learning_rate, o.warmup_steps, o.epochs, o.patience),
+            (
+                o.frac,
+                o.learning_rate,
+                o.warmup_steps,
+                o.epochs,
+                o.patience
+            ),
             (0.0, 1e-3, 50, 100, 5)
         );
         let o = Options::for_finetune(
@@ -491,7 +497,11 @@ mod tests {
         );
         // a plain model learns from masked genes: frac 0 is refused there
         let e = Options::for_train(&json!({"frac": 0})).unwrap_err();
-        assert!(e.message.starts_with("option \"frac\" = 0"), "{}", e.message);
+        assert!(
+            e.message.starts_with("option \"frac\" = 0"),
+            "{}",
+            e.message
+        );
         assert_eq!(Options::for_train(&json!({})).unwrap().frac, 0.15);
     }
 }
