@@ -14,6 +14,9 @@
 //!   --threads 2 --k 15
 //! ```
 //!
+//! After training it also scores other readouts of the same model (the latent after the
+//! encoder, after each process layer, the mean of the final latents).
+//!
 //! PBMC 3k is scored with the core's metrics (`exceiver_core::metrics`: kNN accuracy,
 //! macro-F1, NMI, ARI, ASW, AvgBIO), beside the standard baseline computed the same way
 //! (`exceiver_core::pca`: 2,000 variable genes, PCA to 50, as `exceiver.pca_embed`).
@@ -292,6 +295,33 @@ fn knn_report(
             }
         );
         report(&what, &score(&emb, dim, labels, classes, k, threads));
+    }
+    // other readouts of the same model (its own mode): the latent after the encoder and
+    // after each process layer, and the final latents' mean
+    let model = Exceiver::new(t.cfg.clone(), t.params.clone(), t.scaler.zero_fill()).unwrap();
+    let d = t.cfg.seq_dim;
+    let layers = t.cfg.num_layers;
+    let mut outs: Vec<Vec<f32>> = vec![Vec::new(); layers + 2];
+    for (g, v) in &input {
+        let latent = model.encode(g, v).unwrap();
+        let processed = model.process(&latent).unwrap();
+        outs[0].extend_from_slice(&latent);
+        for (l, p) in processed.iter().enumerate() {
+            outs[l + 1].extend_from_slice(p);
+        }
+        let last = processed.last().unwrap_or(&latent);
+        outs[layers + 1]
+            .extend((0..d).map(|c| {
+                last.chunks_exact(d).map(|r| r[c]).sum::<f32>() / (last.len() / d) as f32
+            }));
+    }
+    for (i, e) in outs.iter().enumerate() {
+        let (what, w) = match i {
+            0 => ("readout: encoder latent".to_string(), dim),
+            i if i <= layers => (format!("readout: after process layer {i}"), dim),
+            _ => ("readout: mean of the final latents".to_string(), d),
+        };
+        report(&what, &score(e, w, labels, classes, k, threads));
     }
 }
 

@@ -171,3 +171,27 @@ fn a_finetuned_classifier_learns_the_stimulation() {
         "{ce:?}"
     );
 }
+
+#[test]
+fn early_stopping_counts_patience_only_after_the_warm_up() {
+    // a learning rate below the weights' precision: nothing changes, so validation never
+    // improves after the first epoch. 450 training cells in batches of 90: 5 steps an epoch
+    let still = |warmup: u64| {
+        let mut o = tiny();
+        o["learning_rate"] = json!(1e-12);
+        o["epochs"] = json!(20);
+        o["patience"] = json!(2);
+        o["batch_size"] = json!(90);
+        o["warmup_steps"] = json!(warmup);
+        let (t, notes) = run(o, None, None);
+        assert!(
+            notes.iter().any(|n| n.starts_with("early stop")),
+            "{notes:?}"
+        );
+        t.epochs
+    };
+    // no warm-up: the best epoch, then two without improvement
+    assert_eq!(still(0), 3);
+    // a warm-up of 20 steps ends with epoch 4: epochs 2 and 3 do not count
+    assert_eq!(still(20), 5);
+}

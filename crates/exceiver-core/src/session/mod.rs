@@ -17,7 +17,8 @@
 //! 3. epochs: shuffled batches, masked value prediction (plus cross-entropy for a
 //!    classifier, plus NT-Xent of two views per cell when `contrastive` > 0), then
 //!    validation with fixed masks; the weights of the best validation epoch are kept,
-//!    and training stops after `patience` epochs without improvement.
+//!    and training stops after `patience` epochs without improvement (epochs that end
+//!    within the learning-rate warm-up do not count).
 
 mod options;
 mod source;
@@ -729,7 +730,10 @@ pub fn train(
         if best.as_ref().is_none_or(|(b, _)| score < *b) {
             best = Some((score, trainer.params()?.into_owned()));
             bad_epochs = 0;
-        } else {
+        } else if clock.step >= o.warmup_steps {
+            // epochs still in the warm-up do not count against patience: a run is not
+            // judged before its learning rate has arrived (a few labelled cells make
+            // epochs of one or two steps)
             bad_epochs += 1;
             if bad_epochs >= o.patience {
                 progress.notice(&format!(
