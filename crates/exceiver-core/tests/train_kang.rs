@@ -154,7 +154,9 @@ fn small_model_beats_the_per_gene_mean_on_kang() {
 fn a_finetuned_classifier_learns_the_stimulation() {
     let (base, _) = run(tiny(), None, None);
     let (c, _) = run(
-        json!({"epochs": 6, "batch_size": 32, "max_cells": 3000, "learning_rate": 3e-3, "warmup_steps": 10}),
+        // finetune's defaults (the classifier on whole cells, early stopping decides);
+        // with 3e-3 after 10 warm-up steps for 6 epochs this tiny model stays at ln 2
+        json!({"batch_size": 32, "max_cells": 3000}),
         Some("stim"),
         Some(start_of(&base)),
     );
