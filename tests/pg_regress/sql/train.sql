@@ -18,6 +18,7 @@ FROM exceiver.models WHERE name = 'tiny';
 SELECT config->>'attention' AS attention, config->>'value_embedding' AS value_embedding FROM exceiver.models WHERE name = 'tiny';
 -- ... and the contrastive term: recorded in the options, its losses in every epoch's history
 SELECT metrics->'options'->>'contrastive' AS contrastive, metrics->'options'->>'contrastive_keep' AS keep,
+       metrics->'options'->>'contrastive_depth' AS depth,
        metrics->'options'->>'contrastive_head' AS head,
        (SELECT bool_and(h ? 'train_contrastive' AND h ? 'val_contrastive')
         FROM jsonb_array_elements(history) h) AS history_has_contrastive
@@ -103,6 +104,7 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": -1}'); \echo :S
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive": "yes"}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_temperature": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_keep": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_depth": 1.5}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}'); \echo :SQLSTATE
 -- shapes whose memory is past exceiver.max_memory are refused before allocating (54000);
 -- a projection head over a very wide embedding used to abort the backend

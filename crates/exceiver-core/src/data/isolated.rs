@@ -79,6 +79,18 @@ pub fn cpu_seconds_for(bytes: u64) -> u64 {
     60 + 4 * (bytes >> 20)
 }
 
+/// CPU milliseconds a child may use before it is stopped (SIGPROF), in place of the
+/// file-sized limit; 0 (the default) keeps [`cpu_seconds_for`]. Only for fuzzing: the
+/// fuzz targets read inputs of a few kilobytes, and libFuzzer's mutations of the seeds
+/// often make the library loop, so a minute per such input would leave the targets at
+/// 15 executions a second.
+static CPU_MS_CAP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Set [`CPU_MS_CAP`] for this process (0: the file-sized limit).
+pub fn set_cpu_ms_cap(ms: u64) {
+    CPU_MS_CAP.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Run `read` (an HDF5 reader of the file `path`) in a child process; the path names
 /// the file in errors and sizes the child's CPU limit ([`cpu_seconds_for`]).
 pub fn run_file(
@@ -168,6 +180,21 @@ fn child(rd: Fd, wr: Fd, cpu_seconds: u64, read: impl FnOnce() -> Result<CellMat
     };
     // SAFETY: limits this process only.
     unsafe { libc::setrlimit(libc::RLIMIT_CPU, &lim) };
+    let cap_ms = CPU_MS_CAP.load(std::sync::atomic::Ordering::Relaxed);
+    if cap_ms > 0 {
+        let t = libc::itimerval {
+            it_interval: libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            it_value: libc::timeval {
+                tv_sec: (cap_ms / 1000) as libc::time_t,
+                tv_usec: ((cap_ms % 1000) * 1000) as libc::suseconds_t,
+            },
+        };
+        // SAFETY: a CPU-time timer of this process; SIGPROF's default action ends it.
+        unsafe { libc::setitimer(libc::ITIMER_PROF, &t, std::ptr::null_mut()) };
+    }
     // The parent's interrupt hook calls into the host (PostgreSQL): not from here.
     crate::limits::set_interrupt_hook(None);
     // SAFETY: default dispositions, so a crash ends this process only and the host's
@@ -188,6 +215,7 @@ fn child(rd: Fd, wr: Fd, cpu_seconds: u64, read: impl FnOnce() -> Result<CellMat
             libc::SIGUSR2,
             libc::SIGPIPE,
             libc::SIGXCPU,
+            libc::SIGPROF,
         ] {
             libc::signal(sig, libc::SIG_DFL);
         }
@@ -293,8 +321,25 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.kind, Kind::FileFormat, "{e}");
-        assert!(e.message.contains("killed by signal 24"), "{e}");
+        // SIGXCPU from the limit, or SIGPROF when the cap test below runs beside it
+        assert!(
+            e.message.contains("killed by signal 24") || e.message.contains("killed by signal 27"),
+            "{e}"
+        );
         assert!(t.elapsed().as_secs() < 30);
+    }
+
+    #[test]
+    fn the_fuzzing_cap_stops_a_loop_within_its_milliseconds() {
+        set_cpu_ms_cap(200);
+        let t = std::time::Instant::now();
+        let e = run("loop.h5ad", || loop {
+            std::hint::black_box(0u64);
+        })
+        .unwrap_err();
+        set_cpu_ms_cap(0);
+        assert!(e.message.contains("killed by signal 27"), "{e}");
+        assert!(t.elapsed().as_millis() < 5000, "{:?}", t.elapsed());
     }
 
     #[test]

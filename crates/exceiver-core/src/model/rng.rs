@@ -40,6 +40,23 @@ impl Rng {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
+    /// Binomial(n, p): the number of n reads kept at rate p (exact for n ≤ 64 by n
+    /// Bernoulli draws; past that the normal approximation, rounded and clamped to
+    /// [0, n], whose error is below a read's worth for what thinning needs).
+    pub fn binomial(&mut self, n: u64, p: f64) -> u64 {
+        if p <= 0.0 || n == 0 {
+            return 0;
+        }
+        if p >= 1.0 {
+            return n;
+        }
+        if n <= 64 {
+            return (0..n).filter(|_| self.uniform() < p).count() as u64;
+        }
+        let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+        (mean + sd * self.normal()).round().clamp(0.0, n as f64) as u64
+    }
+
     /// Standard normal (Box–Muller, polar form).
     pub fn normal(&mut self) -> f64 {
         if let Some(z) = self.spare_normal.take() {
@@ -77,5 +94,20 @@ mod tests {
         assert!((s2 / n as f64 - 1.0).abs() < 0.02);
         assert!((u / n as f64 - 0.5).abs() < 0.01);
         assert!((0..1000).all(|_| r.below(7) < 7));
+    }
+
+    #[test]
+    fn binomial_has_the_right_mean_and_bounds() {
+        let mut r = Rng::new(7);
+        for &(n, p) in &[(10u64, 0.3), (1000, 0.5), (5, 0.0), (5, 1.0)] {
+            let draws: Vec<u64> = (0..4000).map(|_| r.binomial(n, p)).collect();
+            assert!(draws.iter().all(|&k| k <= n));
+            let mean = draws.iter().sum::<u64>() as f64 / draws.len() as f64;
+            let sd = (n as f64 * p * (1.0 - p) / draws.len() as f64).sqrt();
+            assert!(
+                (mean - n as f64 * p).abs() <= 5.0 * sd + 1e-9,
+                "n {n} p {p}: mean {mean}"
+            );
+        }
     }
 }

@@ -361,6 +361,33 @@ struct Batcher<'a> {
     data: &'a Data,
     labels: Option<HashMap<&'a str, usize>>,
     keep: f64,
+    depth: f64,
+}
+
+/// The cell as if sequenced at `rate` of its depth: whole counts thinned binomially
+/// (fractional ones scaled), genes left without reads dropped, and the library size
+/// (which counts genes outside the vocabulary too) scaled by the rate for the reads
+/// this cell does not list.
+fn thin(cell: &RawCell, rate: f64, rng: &mut Rng) -> RawCell {
+    let listed: f64 = cell.counts.iter().map(|&x| x as f64).sum();
+    let mut out = RawCell {
+        total: (cell.total - listed).max(0.0) * rate,
+        label: cell.label.clone(),
+        ..RawCell::default()
+    };
+    for (&g, &x) in cell.genes.iter().zip(&cell.counts) {
+        let kept = if x.fract() == 0.0 && x < 1e9 {
+            rng.binomial(x as u64, rate) as f32
+        } else {
+            x * rate as f32
+        };
+        if kept > 0.0 {
+            out.genes.push(g);
+            out.counts.push(kept);
+            out.total += kept as f64;
+        }
+    }
+    out
 }
 
 impl Batcher<'_> {
@@ -389,9 +416,17 @@ impl Batcher<'_> {
         raw.iter().filter_map(|c| self.example(c, rng)).collect()
     }
 
-    /// A contrastive view: each expressed gene kept with probability `keep`, then the
-    /// mask size of the kept ones masked as usual.
+    /// A contrastive view: the cell's reads thinned at a rate drawn between `depth` and
+    /// 1 (binomially for whole counts; 1: untouched), then each remaining expressed gene
+    /// kept with probability `keep`, then the mask size of the kept ones masked as usual.
     fn view(&self, cell: &RawCell, rng: &mut Rng) -> Option<TrainCell> {
+        let thinned;
+        let cell = if self.depth < 1.0 {
+            thinned = thin(cell, rng.uniform_range(self.depth, 1.0), rng);
+            &thinned
+        } else {
+            cell
+        };
         let values = cell.model_values(&self.data.scaler);
         let (mut g, mut v) = (Vec::new(), Vec::new());
         for (&gi, &vi) in cell.genes.iter().zip(&values) {
@@ -654,7 +689,8 @@ pub fn train(
             .labels
             .as_ref()
             .map(|l| l.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect()),
-        keep: o.contrastive_keep,
+        keep: o.keep(),
+        depth: o.depth(),
     };
     let steps_per_epoch =
         ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64;
@@ -802,8 +838,8 @@ fn start_line(
             "none".to_string()
         };
         format!(
-            "; contrastive term weight {contrast} (two views of each cell keeping {} of its genes, temperature {}, projection head {head})",
-            o.contrastive_keep, o.contrastive_temperature
+            "; contrastive term weight {contrast} (two views of each cell thinned to {}-1 of its reads, keeping {} of its genes, temperature {}, projection head {head})",
+            o.depth(), o.keep(), o.contrastive_temperature
         )
     } else {
         String::new()
@@ -846,4 +882,55 @@ fn history_entry(
         }
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell() -> RawCell {
+        RawCell {
+            genes: vec![3, 7, 9],
+            counts: vec![1.0, 40.0, 200.0],
+            total: 341.0, // 100 reads on genes outside the vocabulary
+            label: Some("x".into()),
+        }
+    }
+
+    #[test]
+    fn thinning_at_rate_one_keeps_the_cell() {
+        let mut rng = Rng::new(1);
+        assert_eq!(thin(&cell(), 1.0, &mut rng), cell());
+    }
+
+    #[test]
+    fn thinning_scales_the_reads_and_drops_emptied_genes() {
+        let mut rng = Rng::new(2);
+        let (mut kept, mut total, mut first_gene) = (0.0, 0.0, 0);
+        let n = 2000;
+        for _ in 0..n {
+            let t = thin(&cell(), 0.25, &mut rng);
+            assert!(t.counts.iter().all(|&x| x > 0.0 && x.fract() == 0.0));
+            assert_eq!(t.genes.len(), t.counts.len());
+            let listed: f64 = t.counts.iter().map(|&x| x as f64).sum();
+            assert!(
+                (t.total - listed - 25.0).abs() < 1e-9,
+                "unlisted reads scaled"
+            );
+            kept += listed;
+            total += t.total;
+            first_gene += usize::from(t.genes.first() == Some(&3));
+            assert_eq!(t.label.as_deref(), Some("x"));
+        }
+        let (kept, total) = (kept / n as f64, total / n as f64);
+        assert!((kept - 60.25).abs() < 1.0, "mean listed reads {kept}");
+        assert!((total - 85.25).abs() < 1.0, "mean library size {total}");
+        // the gene with one read survives a quarter of the time
+        assert!((first_gene as f64 / n as f64 - 0.25).abs() < 0.04);
+        // fractional counts are scaled, not sampled
+        let mut c = cell();
+        c.counts[1] = 2.5;
+        let t = thin(&c, 0.5, &mut rng);
+        assert!(t.counts.contains(&1.25));
+    }
 }
