@@ -125,9 +125,11 @@ fn a_short_run_is_reproducible_and_its_losses_are_pinned() {
     }
 }
 
-const PIN_TRAIN: [f64; 2] = [4.885175095167709, 4.653349300657122];
-const PIN_CONTRASTIVE: [f64; 2] = [3.9283954366836515, 3.767260187111072];
-const PIN_VAL: [f64; 2] = [0.8808808797519067, 0.7693940151959873];
+// Re-pinned when the small preset's views became thinned cells (contrastive_depth 0.05,
+// contrastive_keep 1): the recipe changed, so the losses did.
+const PIN_TRAIN: [f64; 2] = [5.220775021615223, 4.342360029240729];
+const PIN_CONTRASTIVE: [f64; 2] = [3.757281293754197, 3.2619154709158478];
+const PIN_VAL: [f64; 2] = [0.9516071323917975, 1.1851557886768234];
 
 #[test]
 fn small_model_beats_the_per_gene_mean_on_kang() {
