@@ -321,25 +321,8 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.kind, Kind::FileFormat, "{e}");
-        // SIGXCPU from the limit, or SIGPROF when the cap test below runs beside it
-        assert!(
-            e.message.contains("killed by signal 24") || e.message.contains("killed by signal 27"),
-            "{e}"
-        );
+        assert!(e.message.contains("killed by signal 24"), "{e}");
         assert!(t.elapsed().as_secs() < 30);
-    }
-
-    #[test]
-    fn the_fuzzing_cap_stops_a_loop_within_its_milliseconds() {
-        set_cpu_ms_cap(200);
-        let t = std::time::Instant::now();
-        let e = run("loop.h5ad", || loop {
-            std::hint::black_box(0u64);
-        })
-        .unwrap_err();
-        set_cpu_ms_cap(0);
-        assert!(e.message.contains("killed by signal 27"), "{e}");
-        assert!(t.elapsed().as_millis() < 5000, "{:?}", t.elapsed());
     }
 
     #[test]
