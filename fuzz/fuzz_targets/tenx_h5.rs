@@ -9,10 +9,10 @@ fuzz_target!(|data: &[u8]| {
     // reader's own checks and a huge allocation that slips through is a finding
     exceiver_core::limits::set_max_bytes(256 << 20);
     // a few kilobytes parse in milliseconds: an input that makes the library loop is
-    // stopped after 250 ms of CPU (the product's limit is a minute and more, sized by
+    // stopped after 50 ms of CPU (the product's limit is a minute and more, sized by
     // the file), as contained as a crash, so that looping mutations do not hold the
     // target at 15 executions a second
-    exceiver_core::data::isolated::set_cpu_ms_cap(250);
+    exceiver_core::data::isolated::set_cpu_ms_cap(50);
     let p = common::scratch().join("input.h5");
     std::fs::write(&p, data).unwrap();
     let _ = tenx::read(&p);
