@@ -44,7 +44,8 @@ for t in $TARGETS; do
   set -e
   execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\)/\1/p' "out/fuzz/$t.log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *\([0-9]*\)/\1/p' "out/fuzz/$t.log" | tail -1)
-  if [ $rc = 0 ]; then verdict="no crash, abort or leak"; else
+  if [ $rc = 0 ] && [ "$SAN" = address ]; then verdict="no crash, abort or leak"
+  elif [ $rc = 0 ]; then verdict="no crash or abort (no leak check without a sanitizer)"; else
     verdict="FINDING (exit $rc): $(grep -m1 -E 'ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer)|panicked at' "out/fuzz/$t.log" | cut -c1-160)"; fi
   printf '%s\t%s\t%s\t%s\n' "$t" "${execs:-0}" "${rate:-0}" "$verdict" >> out/fuzz/summary.tsv
 done
