@@ -285,6 +285,27 @@ mod tests {
     }
 
     #[test]
+    fn a_feature_list_shorter_than_the_matrix_is_an_error_not_a_panic() {
+        // found by fuzzing tenx_h5 (run 5): 3 features, a matrix of 4 genes, index 3
+        let keep = [Some(0u32), Some(1), Some(2)];
+        let e = from_csr_parts(
+            s(&["c1"]),
+            s(&["A", "B", "C"]),
+            4,
+            Some(&keep),
+            &[0, 1],
+            &[3],
+            &[1.0],
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::FileFormat, "{e}");
+        assert!(
+            e.message.contains("3 features") && e.message.contains("4 genes"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn make_unique_like_scanpy() {
         let mut n = s(&["A", "B", "A", "A", "A-1", "C"]);
         // scanpy: A, B, A-2 (A-1 is taken), A-3, A-1, C
@@ -352,6 +373,12 @@ pub(crate) fn from_csr_parts(
             indptr[0],
             indptr[n],
             data.len()
+        )));
+    }
+    if let Some(map) = keep.filter(|m| m.len() != n_file_genes) {
+        return Err(Error::format(format!(
+            "the file lists {} features but its matrix has {n_file_genes} genes",
+            map.len()
         )));
     }
     let mut out_ptr = Vec::with_capacity(n + 1);
