@@ -83,11 +83,7 @@ fn main() {
 
     let lab = session::text_column(&pbmc, "seurat_annotations").unwrap();
     let (keep, labels, classes) = labelled(&lab);
-    let base = pca_baseline(&pbmc, threads);
-    let pick: Vec<f32> = keep
-        .iter()
-        .flat_map(|&c| base[c * 50..(c + 1) * 50].iter().copied())
-        .collect();
+    let pick = pca_of_labelled(&pbmc, &keep, threads);
     report(
         "PCA of 2,000 variable genes",
         &score(&pick, 50, &labels, classes, k, threads),
@@ -193,6 +189,14 @@ fn report(what: &str, e: &Evaluation) {
         "pbmc3k {what}: kNN accuracy / macro-F1 {:.3} / {:.3}, NMI {:.3}, ARI {:.3}, ASW {:.3}, AvgBIO {:.3} ({} cells)",
         e.accuracy, e.macro_f1, e.nmi, e.ari, e.asw, e.avg_bio(), e.cells
     );
+}
+
+/// The standard baseline's 50 components of the cells `keep` of `m` (`keep.len() × 50`).
+fn pca_of_labelled(m: &CellMatrix, keep: &[usize], threads: usize) -> Vec<f32> {
+    let base = pca_baseline(m, threads);
+    keep.iter()
+        .flat_map(|&c| base[c * 50..(c + 1) * 50].iter().copied())
+        .collect()
 }
 
 /// The standard baseline of every cell of `m`: 50 principal components (`cells × 50`).
@@ -334,11 +338,7 @@ fn knn_report(
 fn kang_report(t: &Trained, kang: &CellMatrix, k: usize, threads: usize) {
     let lab = session::text_column(kang, "cell_type").unwrap();
     let (keep, labels, classes) = labelled(&lab);
-    let base = pca_baseline(kang, threads);
-    let pick: Vec<f32> = keep
-        .iter()
-        .flat_map(|&c| base[c * 50..(c + 1) * 50].iter().copied())
-        .collect();
+    let pick = pca_of_labelled(kang, &keep, threads);
     let e = score(&pick, 50, &labels, classes, k, threads);
     println!(
         "kang cell_type PCA of 2,000 variable genes: kNN {:.3} / {:.3}, AvgBIO {:.3}",

@@ -736,4 +736,8 @@ fn fuzz_findings_are_errors() {
     assert_eq!(e.kind, Kind::FileFormat, "{e}");
     let e = tenx::read(&dir.join("tenx_h5-libhdf5-leak.h5")).unwrap_err();
     assert!(matches!(e.kind, Kind::FileFormat | Kind::Limit), "{e}");
+    // fuzz run 5: fewer features than matrix genes (was a panic in the reader's child)
+    let e = tenx::read(&dir.join("tenx_h5-features-shorter-than-matrix.h5")).unwrap_err();
+    assert_eq!(e.kind, Kind::FileFormat, "{e}");
+    assert!(e.message.contains("features but its matrix has"), "{e}");
 }

@@ -220,9 +220,31 @@ fn child(rd: Fd, wr: Fd, cpu_seconds: u64, read: impl FnOnce() -> Result<CellMat
             libc::signal(sig, libc::SIG_DFL);
         }
     }
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
-        .unwrap_or_else(|_| Err(Error::internal("the HDF5 reader panicked")));
-    let reply = match result {
+    // A panic in the reader is reported by the hook itself, before unwinding or
+    // aborting (builds with panic=abort, such as the fuzz targets, never return to a
+    // catch_unwind): the parent gets an internal error, not a dead child.
+    let fd = wr.0;
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let reply = Reply::Failed {
+            kind: Kind::Internal,
+            message: format!("the HDF5 reader panicked: {why}{at}"),
+            detail: None,
+            hint: None,
+        };
+        // SAFETY: leave at once, without unwinding into the C library's frames.
+        unsafe { libc::_exit(send(fd, &reply)) }
+    }));
+    let reply = match read() {
         Ok(m) => Reply::Matrix(m),
         Err(e) => Reply::Failed {
             kind: e.kind,
@@ -231,30 +253,26 @@ fn child(rd: Fd, wr: Fd, cpu_seconds: u64, read: impl FnOnce() -> Result<CellMat
             hint: e.hint,
         },
     };
-    let code = match postcard::to_stdvec(&reply) {
-        Ok(bytes) => {
-            let mut off = 0;
-            let mut ok = true;
-            while off < bytes.len() {
-                // SAFETY: writes from a live buffer to our pipe.
-                let n =
-                    unsafe { libc::write(wr.0, bytes[off..].as_ptr().cast(), bytes.len() - off) };
-                if n <= 0 {
-                    ok = false;
-                    break;
-                }
-                off += n as usize;
-            }
-            if ok {
-                0
-            } else {
-                3
-            }
-        }
-        Err(_) => 2,
-    };
+    let code = send(wr.0, &reply);
     // SAFETY: leave without running the host's exit handlers.
     unsafe { libc::_exit(code) }
+}
+
+/// Write the child's reply to the pipe; the child's exit status (0: sent).
+fn send(fd: libc::c_int, reply: &Reply) -> libc::c_int {
+    let Ok(bytes) = postcard::to_stdvec(reply) else {
+        return 2;
+    };
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: writes from a live buffer to our pipe.
+        let n = unsafe { libc::write(fd, bytes[off..].as_ptr().cast(), bytes.len() - off) };
+        if n <= 0 {
+            return 3;
+        }
+        off += n as usize;
+    }
+    0
 }
 
 /// Read the child's reply, checking for interrupts every 100 ms and the memory budget
@@ -346,5 +364,6 @@ mod tests {
         );
         let e = run("panics", || panic!("boom")).unwrap_err();
         assert_eq!(e.kind, Kind::Internal);
+        assert!(e.message.contains("panicked: boom at "), "{e}");
     }
 }
