@@ -1,23 +1,30 @@
 #!/usr/bin/env python3
-"""Throughput of the PyTorch reference Exceiver on a GPU (or the CPU), to compare with
-examples/gpu_bench.rs on the same machine (README, section GPU).
+"""Throughput of two PyTorch forms of the Exceiver on a GPU (or the CPU), to compare
+with examples/gpu_bench.rs on the same machine (README, section GPU).
 
-The model is the reference's module structure (keiserlab/exceiver `models.py`, as
-fixtures/README.md describes it): nn.Embedding, CrossAttn (LayerNorms, packed
-nn.MultiheadAttention, residual on the un-normalised query, LN-Linear-GELU-LN-Linear
-MLP), a post-norm nn.TransformerEncoder, the value head and, for a classifier, the
-class head. It loads the same safetensors weights (reference key names, strict) and
-runs the reference's dense computation: every cell is fed all G genes, zero-count
-genes with their zero-fill value and the float key-padding mask (an additive +1 on
-their attention logits). Matrix products in full f32 (TF32 off).
+* dense: the reference's module structure (keiserlab/exceiver `models.py`, as
+  fixtures/README.md describes it): nn.Embedding, CrossAttn (LayerNorms, packed
+  nn.MultiheadAttention, residual on the un-normalised query, LN-Linear-GELU-LN-Linear
+  MLP), a post-norm nn.TransformerEncoder, the value head and, for a classifier, the
+  class head, run as the authors run it: every cell is fed all G genes, zero-count
+  genes with their zero-fill value and the float key-padding mask (an additive +1 on
+  their attention logits).
+* sparse: the same modules and weights, the encoder's exact maths in O(expressed
+  genes) per cell (`SparseEncoder`: the unexpressed genes' softmax terms summed once,
+  a cell swaps in its expressed genes), as exceiver's CPU model computes it.
+
+Both load the same safetensors weights (reference key names, strict). Matrix products
+in full f32 (TF32 off). For each form:
 
   1. parity: embeddings, value predictions (and class logits) of the 16 fixture cells
      against fixtures/*_outputs.safetensors (normwise relative errors);
   2. embedding: cells/s at each batch size (synthetic cells of about 1,500 expressed
-     genes; building the dense input on the device is included);
+     genes; building the input on the device is included);
   3. training: cells/s of steps of 64 cells with 225 masked genes each (the reference's
      masking: mask token, value 1; decoder queried with the masked genes), MSE (+ CE
-     for a classifier), backward, torch.optim.Adam(lr 3e-4, weight_decay 1e-5).
+     for a classifier), backward, torch.optim.Adam(lr 3e-4, weight_decay 1e-5). Both
+     forms start from the same weights and batches, so equal first and last losses
+     show that the sparse form's gradients are the reference's.
 
 Needs only torch (no numpy, no safetensors package). Example:
 
@@ -143,6 +150,116 @@ class Exceiver(nn.Module):
         return pred, logits
 
 
+# ---------------------------------------------------------------- O(expressed genes)
+
+
+def mha_weights(mha):
+    """(Wq, Wk, Wv, bq, bk, bv) of an nn.MultiheadAttention, packed or not."""
+    d = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.split(d, 0)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq, bk, bv = mha.in_proj_bias.split(d, 0)
+    return wq, wk, wv, bq, bk, bv
+
+
+class SparseEncoder:
+    """The reference encoder's exact maths in O(expressed genes) per cell, in plain
+    PyTorch (the form of the CPU model, src/model/forward.rs). Every vocabulary gene is
+    a key: an unexpressed gene g has the token E[g]·zero_fill[g] and logit bias +1, the
+    same for every cell. So per (head, latent) the sums over all G genes of their
+    softmax terms, Z = Σ exp(s0 − M0) and A = Σ exp(s0 − M0)·v0, are computed once
+    (per weights), and a cell swaps in its expressed genes:
+    Zc = (Z − Σ_S exp(s0 − M0))·e^{M0−m} + Σ_S exp(s − m), the same for A, with the
+    shift m = max(M0, max_S s). Batches are padded to their longest cell."""
+
+    def __init__(self, model, zero_fill):
+        self.model = model
+        self.zero_fill = zero_fill
+        self.cache = None
+
+    def terms(self):
+        """Per-gene zero-fill terms: Q [H, N, hd] (scaled), M0 [H, N], P0 [H, N, G],
+        V0 [H, G, hd], Z [H, N], A [H, N, hd]. Recomputed (with autograd) while the
+        model trains, cached while it does not."""
+        if self.cache is not None and not torch.is_grad_enabled():
+            return self.cache
+        m = self.model
+        ca = m.encoder_cross_attn
+        mha = ca.cross_attn
+        h = mha.num_heads
+        wq, wk, wv, bq, bk, bv = mha_weights(mha)
+        g = self.zero_fill.shape[0]
+        q = nn.functional.linear(ca.layernorm_q(m.query_emb), wq, bq)  # [N, d]
+        n, d = q.shape
+        hd = d // h
+        q = q.reshape(n, h, hd).transpose(0, 1) / math.sqrt(hd)  # [H, N, hd]
+        tok = ca.layernorm_kv(m.gene_emb.weight[:g] * self.zero_fill.unsqueeze(1))
+        k0 = nn.functional.linear(tok, wk, bk).reshape(g, h, hd).transpose(0, 1)  # [H, G, hd]
+        v0 = nn.functional.linear(tok, wv, bv).reshape(g, h, hd).transpose(0, 1)
+        s0 = q @ k0.transpose(1, 2) + 1.0  # [H, N, G]; +1: the float key padding mask
+        m0 = s0.amax(2).detach()
+        p0 = torch.exp(s0 - m0.unsqueeze(2))
+        # f64 sums: a cell subtracts its expressed genes' terms from them, and in f32
+        # that cancellation costs the classifier's logits 6e-5 (tolerance 5e-5)
+        p64 = p0.double()
+        out = (q, m0, p0, v0, p64.sum(2), p64 @ v0.double())
+        if not torch.is_grad_enabled():
+            self.cache = out
+        return out
+
+    def encode(self, genes, tokens, vals, valid):
+        """Encoder output [B, N, d] of padded cells: genes [B, L] (long), their tokens
+        (the gene or the mask token), vals [B, L], valid [B, L] (False at padding)."""
+        m = self.model
+        ca = m.encoder_cross_attn
+        mha = ca.cross_attn
+        h = mha.num_heads
+        _, wk, wv, _, bk, bv = mha_weights(mha)
+        q, m0, p0, v0, z, a = self.terms()
+        b, l = genes.shape
+        n, hd = q.shape[1], q.shape[2]
+        kvn = ca.layernorm_kv(m.gene_emb(tokens) * vals.unsqueeze(2))  # [B, L, d]
+        k = nn.functional.linear(kvn, wk, bk).reshape(b, l, h, hd).transpose(1, 2)
+        v = nn.functional.linear(kvn, wv, bv).reshape(b, l, h, hd).transpose(1, 2)
+        s = q.unsqueeze(0) @ k.transpose(2, 3)  # [B, H, N, L]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        mx = torch.maximum(s.amax(3).detach(), m0.unsqueeze(0))  # [B, H, N]
+        e = torch.exp(s - mx.unsqueeze(3))
+        scale = torch.exp(m0.unsqueeze(0) - mx)  # [B, H, N]
+        pe = p0[:, :, genes].permute(2, 0, 1, 3) * valid[:, None, None, :]  # [B, H, N, L]
+        v0e = v0[:, genes].permute(1, 0, 2, 3)  # [B, H, L, hd]
+        pe = pe.double()
+        zc = (z.unsqueeze(0) - pe.sum(3)).float() * scale + e.sum(3)
+        ac = (a.unsqueeze(0) - pe @ v0e.double()).float() * scale.unsqueeze(3) + e @ v
+        o = (ac / zc.unsqueeze(3)).transpose(1, 2).reshape(b, n, h * hd)
+        lat = mha.out_proj(o) + m.query_emb
+        return lat + ca.mlp(lat)
+
+    def embed(self, genes, tokens, vals, valid):
+        return self.model.process_self_attn(self.encode(genes, tokens, vals, valid))
+
+
+def sparse_inputs(cells, device, masks=None, mask_token=None):
+    """Padded expressed-gene input for cells [(gene ids, values)]: genes [B, L], tokens
+    [B, L] (the gene, or the mask token at masked genes), vals [B, L] (1 at masked
+    genes) and valid [B, L]. A masked gene stays a key at its place, as in the dense
+    reference: its token is the mask token, its value 1 and its logit has no +1."""
+    genes = nn.utils.rnn.pad_sequence([c[0] for c in cells], batch_first=True)
+    vals = nn.utils.rnn.pad_sequence([c[1].float() for c in cells], batch_first=True)
+    lens = torch.tensor([len(c[0]) for c in cells])
+    valid = torch.arange(genes.shape[1]).unsqueeze(0) < lens.unsqueeze(1)
+    tokens = genes
+    if masks is not None:
+        hit = torch.zeros(genes.shape, dtype=torch.bool)
+        for i, mk in enumerate(masks):
+            hit[i, : lens[i]] = torch.isin(cells[i][0], mk)
+        tokens = genes.masked_fill(hit, mask_token)
+        vals = vals.masked_fill(hit, 1.0)
+    return tuple(t.to(device, non_blocking=True) for t in (genes, tokens, vals, valid))
+
+
 def hyper_parameters(tensors, meta):
     if "hyper_parameters" in meta:
         hp = json.loads(meta["hyper_parameters"])
@@ -228,6 +345,7 @@ def main():
     ap.add_argument("--weights", default="fixtures/pretrained_TS_exceiver.safetensors")
     ap.add_argument("--fixtures", default="fixtures")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--forms", default="dense,sparse", help="dense (the reference modules), sparse (O(expressed genes)) or both")
     ap.add_argument("--batches", default="16,64,256,1024")
     ap.add_argument("--cells", type=int, default=1024, help="cells per embedding measurement")
     ap.add_argument("--nnz", type=int, default=1500)
@@ -269,18 +387,50 @@ def main():
         inp, zero_fill = None, torch.ones(g)
     zf = zero_fill.to(device)
 
+    sparse = SparseEncoder(model, zf)
+    forms = {
+        "dense": (lambda cells, masks=None: dense_inputs(cells, zf, device, masks), lambda x: model.embed(*x)),
+        "sparse": (lambda cells, masks=None: sparse_inputs(cells, device, masks, g), lambda x: sparse.embed(*x)),
+    }
+    chosen = [f.strip() for f in a.forms.split(",") if f.strip()]
+    for f in chosen:
+        if f not in forms:
+            sys.exit(f"unknown form {f!r}: dense or sparse")
     failed = 0
     if inp is not None and not a.skip_parity:
-        out_name = "classifier_outputs" if classifier else "exceiver_outputs"
-        out, _ = read_safetensors(f"{a.fixtures}/{out_name}.safetensors")
-        ptr = inp["cell_indptr"].tolist()
-        cells = [
-            (inp["cell_gene_ids"][ptr[c] : ptr[c + 1]], inp["cell_model_vals"][ptr[c] : ptr[c + 1]])
-            for c in range(len(ptr) - 1)
-        ]
+        failed += parity(a, model, forms, chosen, inp, classifier, device)
+    batch_sizes = [int(x) for x in a.batches.split(",") if x.strip() and int(x) > 0]
+    training = not a.skip_train and a.train_steps > 0
+    if not batch_sizes and not training:
+        finish(failed)
+    gen = torch.Generator().manual_seed(20240611)
+    pool = synthetic_cells(g, max(a.cells, a.train_batch), a.nnz, gen)
+    for f in chosen:
+        if batch_sizes:
+            embedding_rates(a, forms[f], f, pool, batch_sizes, device)
+    if training:
+        for f in chosen:
+            training_rate(a, model, forms[f], f, pool, hp, classifier, device)
+    finish(failed)
+
+
+FORM_NAMES = {"dense": "dense reference", "sparse": "O(expressed genes)"}
+
+
+def parity(a, model, forms, chosen, inp, classifier, device):
+    """Parity of each form with the fixture outputs; the number of failed checks."""
+    out_name = "classifier_outputs" if classifier else "exceiver_outputs"
+    out, _ = read_safetensors(f"{a.fixtures}/{out_name}.safetensors")
+    ptr = inp["cell_indptr"].tolist()
+    cells = [
+        (inp["cell_gene_ids"][ptr[c] : ptr[c + 1]], inp["cell_model_vals"][ptr[c] : ptr[c + 1]])
+        for c in range(len(ptr) - 1)
+    ]
+    failed = 0
+    for f in chosen:
+        make, embed = forms[f]
         with torch.inference_mode():
-            ids, vals, kpm = dense_inputs(cells, zf, device)
-            lat = model.embed(ids, vals, kpm)
+            lat = embed(make(cells))
             pred, logits = model.heads(lat, inp["query_ids"].to(device), classifier)
         checks = [
             ("embedding", rel(lat.reshape(len(cells), -1), out["embedding"]), 1e-5),
@@ -288,35 +438,30 @@ def main():
         ]
         if classifier:
             checks.append(("class_logits", rel(logits, out["class_logits"]), 5e-5))
-        print(f"\nparity with {a.fixtures}/{out_name}.safetensors (normwise relative errors):")
+        print(f"\nparity ({FORM_NAMES[f]}) with {a.fixtures}/{out_name}.safetensors (normwise relative errors):")
         for what, err, tol in checks:
             ok = err <= tol
             failed += not ok
             print(f"  {what:<14} {err:10.3e}  (tolerance {tol:.0e})  {'ok' if ok else 'FAILED'}")
+    return failed
 
-    batch_sizes = [int(x) for x in a.batches.split(",") if x.strip() and int(x) > 0]
-    training = not a.skip_train and a.train_steps > 0
-    if not batch_sizes and not training:
-        finish(failed)
-    gen = torch.Generator().manual_seed(20240611)
-    pool = synthetic_cells(g, max(a.cells, a.train_batch), a.nnz, gen)
+
+def embedding_rates(a, form, f, pool, batch_sizes, device):
+    make, embed = form
     mean_nnz = sum(len(c[0]) for c in pool) / len(pool)
-    if batch_sizes:
-        print(f"\nembedding (dense reference): {a.cells} synthetic cells, mean {mean_nnz:.0f} expressed genes, median of {a.repeat} runs")
+    print(f"\nembedding ({FORM_NAMES[f]}): {a.cells} synthetic cells, mean {mean_nnz:.0f} expressed genes, median of {a.repeat} runs")
     for bs in batch_sizes:
         n = max(a.cells, bs)
         cells = [pool[i % len(pool)] for i in range(n)]
         try:
             with torch.inference_mode():
-                ids, vals, kpm = dense_inputs(cells[:bs], zf, device)
-                model.embed(ids, vals, kpm)
+                embed(make(cells[:bs]))
                 sync(device)
                 runs = []
                 for _ in range(max(1, a.repeat)):
                     t = time.perf_counter()
                     for s in range(0, n, bs):
-                        ids, vals, kpm = dense_inputs(cells[s : s + bs], zf, device)
-                        model.embed(ids, vals, kpm).cpu()
+                        embed(make(cells[s : s + bs])).cpu()
                     sync(device)
                     runs.append(time.perf_counter() - t)
             runs.sort()
@@ -328,57 +473,62 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if training:
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-5)
-        mse = nn.MSELoss()
-        ce = nn.CrossEntropyLoss()
+
+def training_rate(a, model, form, f, pool, hp, classifier, device):
+    """Steps of the reference's masked-value training (each form from the same start)."""
+    make, embed = form
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-5)
+    mse = nn.MSELoss()
+    ce = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(20240612)
+    print(
+        f"\ntraining ({FORM_NAMES[f]}): batch {a.train_batch} cells, {a.mask} masked genes each, "
+        f"{a.train_steps} steps after 1 warm-up step"
+    )
+
+    def batch():
+        idx = torch.randint(len(pool), (a.train_batch,), generator=gen).tolist()
+        cells = [pool[i] for i in idx]
+        masks, targets = [], []
+        for genes, vals in cells:
+            m = min(a.mask, len(genes))
+            pos = torch.randperm(len(genes), generator=gen)[:m]
+            masks.append(genes[pos])
+            targets.append(vals[pos])
+        labels = torch.randint(hp["classify_dim"] or 1, (a.train_batch,), generator=gen)
+        return cells, masks, targets, labels
+
+    def step(cells, masks, targets, labels):
+        q = torch.stack(masks).to(device)
+        lat = embed(make(cells, masks))
+        pred, logits = model.heads(lat, q, classifier)
+        loss = mse(pred, torch.stack(targets).to(device))
+        if classifier:
+            loss = loss + ce(logits, labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    try:
+        batches = [batch() for _ in range(a.train_steps + 1)]
+        first = step(*batches[0])
+        sync(device)
+        t = time.perf_counter()
+        for b in batches[1:]:
+            loss = step(*b)
+        sync(device)
+        sec = time.perf_counter() - t
         print(
-            f"\ntraining (dense reference): batch {a.train_batch} cells, {a.mask} masked genes each, "
-            f"{a.train_steps} steps after 1 warm-up step"
+            f"  {a.train_steps * a.train_batch / sec:.0f} cells/s "
+            f"({1e3 * sec / a.train_steps:.1f} ms per step; first loss {first.item():.6f}, last {loss.item():.4f})"
         )
-
-        def batch():
-            idx = torch.randint(len(pool), (a.train_batch,), generator=gen).tolist()
-            cells = [pool[i] for i in idx]
-            masks, targets = [], []
-            for genes, vals in cells:
-                m = min(a.mask, len(genes))
-                pos = torch.randperm(len(genes), generator=gen)[:m]
-                masks.append(genes[pos])
-                targets.append(vals[pos])
-            labels = torch.randint(hp["classify_dim"] or 1, (a.train_batch,), generator=gen)
-            return cells, masks, targets, labels
-
-        def step(cells, masks, targets, labels):
-            ids, vals, kpm = dense_inputs(cells, zf, device, masks)
-            q = torch.stack(masks).to(device)
-            lat = model.embed(ids, vals, kpm)
-            pred, logits = model.heads(lat, q, classifier)
-            loss = mse(pred, torch.stack(targets).to(device))
-            if classifier:
-                loss = loss + ce(logits, labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
-        try:
-            batches = [batch() for _ in range(a.train_steps + 1)]
-            step(*batches[0])
-            sync(device)
-            t = time.perf_counter()
-            for b in batches[1:]:
-                loss = step(*b)
-            sync(device)
-            sec = time.perf_counter() - t
-            print(
-                f"  {a.train_steps * a.train_batch / sec:.0f} cells/s "
-                f"({1e3 * sec / a.train_steps:.1f} ms per step; last loss {loss.item():.4f})"
-            )
-        except torch.OutOfMemoryError:
-            print("  out of memory")
-    finish(failed)
+    except torch.OutOfMemoryError:
+        print("  out of memory")
+    model.load_state_dict(start)
+    model.eval()
 
 
 def finish(failed):
