@@ -16,6 +16,9 @@
 #   make fuzz      every reader of user bytes under libFuzzer; results in out/fuzz/ (not part of test)
 #   make cuda      the cuda variant (GPU benchmark and extension library) into target/cuda,
 #                  built without a GPU from PyPI's CUDA 13 wheels (README, section GPU); not part of test
+#   make pg-bundle PostgreSQL 15 + pgvector + exceiver (the cuda build when make cuda made one)
+#                  packed for a GPU machine without PostgreSQL (target/pgbundle; scripts/gpu_pg.sh)
+#   make pg-bundle-check  that bundle on a throwaway cluster here, exceiver.device = 'cpu'
 
 PG_CONFIG ?= /usr/bin/pg_config
 PGBIN     := $(shell $(PG_CONFIG) --bindir 2>/dev/null)
@@ -32,7 +35,7 @@ PSQL      := $(PGBIN)/psql -X -h $(PGHOST) -p $(PGPORT) -U $(PGUSER)
 DEMO_OUT  ?= out/demo
 REGRESS   := $(basename $(notdir $(wildcard tests/pg_regress/sql/*.sql)))
 
-.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress test-client test-cluster cluster cluster-stop cluster-reset cluster-bench bench cuda fmt check-access scale
+.PHONY: setup install db db-reset db-stop psql demo demo-publish soak fuzz errors test test-core test-pg test-regress test-client test-cluster cluster cluster-stop cluster-reset cluster-bench bench cuda pg-bundle pg-bundle-check fmt check-access scale
 
 setup:
 	bash scripts/setup.sh
@@ -164,6 +167,12 @@ fuzz: setup
 
 cuda:
 	bash scripts/build_cuda.sh
+
+pg-bundle: install
+	bash scripts/pg_bundle.sh
+
+pg-bundle-check: pg-bundle
+	DEVICE=cpu CELLS=$${CELLS:-2000} bash scripts/gpu_pg.sh
 
 fmt:
 	cargo fmt --all

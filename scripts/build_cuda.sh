@@ -99,17 +99,13 @@ if [ "$MODE" != "--bench" ]; then
   say "building the extension library (release, --features cuda) into $TARGET"
   CARGO_TARGET_DIR=$TARGET cargo build --release --lib --features cuda
 fi
-# What a GPU machine without Rust needs (64 MiB at most, as the device tool carries):
-# the benchmark, and cuRAND compressed (candle creates a cuRAND generator per device,
-# and recent PyTorch CUDA 13 wheels no longer ship libcurand.so.10).
+# What a GPU machine without Rust needs for the benchmark: the program alone (its CUDA
+# libraries, cuRAND included, come with the GPU machines' PyTorch wheels; the
+# extension travels in scripts/pg_bundle.sh's bundle).
 CARRY=$TARGET/carry
 mkdir -p "$CARRY"
+rm -f "$CARRY/libcurand.so.10.xz"
 cp "$BIN" "$CARRY/gpu_bench"
-if [ ! -f "$CARRY/libcurand.so.10.xz" ] || [ "$TREE/lib/libcurand.so.10" -nt "$CARRY/libcurand.so.10.xz" ]; then
-  say "compressing libcurand.so.10 into $CARRY"
-  xz -T2 -9 -c "$TREE/lib/libcurand.so.10" > "$CARRY/libcurand.so.10.xz.tmp"
-  mv "$CARRY/libcurand.so.10.xz.tmp" "$CARRY/libcurand.so.10.xz"
-fi
 say "done in $(( $(date +%s) - start )) s"
 say "to carry to a GPU machine: $CARRY ($(du -sh "$CARRY" | cut -f1))"
 for f in "$BIN" "$TARGET/release/libexceiver.so"; do
