@@ -13,6 +13,10 @@ static THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// is allocated. Superuser-only, so that no role can raise its own limit.
 static MAX_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(8192);
 
+/// `exceiver.gpu_tf32`: f32 matrix products on a GPU on TF32 tensor cores (off: full
+/// f32, within the fixtures' tolerances).
+static GPU_TF32: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 pub fn init() {
     GucRegistry::define_int_guc(
         c"exceiver.max_memory",
@@ -33,6 +37,14 @@ pub fn init() {
         &THREADS,
         0,
         256,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"exceiver.gpu_tf32",
+        c"Run exceiver's f32 matrix products on a GPU on TF32 tensor cores.",
+        c"Off (the default): full f32, within the reference fixtures' tolerances. No effect on the CPU.",
+        &GPU_TF32,
         GucContext::Userset,
         GucFlags::default(),
     );
@@ -95,6 +107,16 @@ unsafe extern "C-unwind" fn check_device(
             false
         }
     }
+}
+
+/// Pass `exceiver.gpu_tf32` to the core before work on a device.
+pub fn apply_precision() {
+    use exceiver_core::device::{set_matmul_precision, MatmulPrecision};
+    set_matmul_precision(if GPU_TF32.get() {
+        MatmulPrecision::Tf32
+    } else {
+        MatmulPrecision::F32
+    });
 }
 
 /// The device bulk work should run on (already validated by the check hook).

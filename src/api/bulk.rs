@@ -257,6 +257,7 @@ fn embed_table(
     }
     let device = gucs::device();
     device.check_supported().or_raise();
+    gucs::apply_precision();
     let m = get_model(model);
     let dim = m.model.embedding_len();
     let rel = relation_name(source);

@@ -212,6 +212,7 @@ fn train_and_store(
 ) -> Trained {
     gucs::device().check_supported().or_raise();
     gucs::apply_limits();
+    gucs::apply_precision();
     let mut src = TableSource::new(rel, opts, label_column);
     let task = Task {
         model,

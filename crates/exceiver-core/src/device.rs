@@ -8,6 +8,37 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How f32 matrix products run on a GPU: in full f32 (the default, within the
+/// fixtures' tolerances) or on TF32 tensor cores (10-bit mantissa inputs, f32
+/// accumulation: faster, less exact; its error against the fixtures is what
+/// `gpu_bench --tf32` prints). The CPU always computes in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    F32,
+    Tf32,
+}
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Set the GPU matrix-product precision for this process (candle's cuBLAS setting is
+/// process-wide). Takes effect for devices already open and opened later.
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    let tf32 = p == MatmulPrecision::Tf32;
+    TF32.store(tf32, Ordering::Relaxed);
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+}
+
+/// The GPU matrix-product precision in force.
+pub fn matmul_precision() -> MatmulPrecision {
+    if TF32.load(Ordering::Relaxed) {
+        MatmulPrecision::Tf32
+    } else {
+        MatmulPrecision::F32
+    }
+}
 
 /// A compute device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +94,7 @@ impl Device {
     /// with the `cuda` feature, a CUDA driver and a device N; each failure is a clear
     /// error with the numbers in it. Devices are opened once per process and shared
     /// (the CUDA context, cuBLAS handle and kernels are reused). f32 matrix products
-    /// on the GPU use full f32 precision (no TF32).
+    /// on the GPU use full f32 precision unless [`set_matmul_precision`] asked for TF32.
     pub fn open(self) -> Result<candle_core::Device> {
         match self {
             Device::Cpu => Ok(candle_core::Device::Cpu),
@@ -131,7 +162,7 @@ fn open_cuda(n: usize) -> Result<candle_core::Device> {
             Error::invalid(format!("could not open CUDA device {n} of {count}: {e}"))
                 .with_hint(hint)
         })?;
-    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    candle_core::cuda::set_gemm_reduced_precision_f32(matmul_precision() == MatmulPrecision::Tf32);
     cache.insert(n, dev.clone());
     Ok(dev)
 }
@@ -158,6 +189,15 @@ mod tests {
         }
         assert!(Device::Cpu.check_supported().is_ok());
         assert!(Device::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[test]
+    fn matmul_precision_round_trips() {
+        assert_eq!(matmul_precision(), MatmulPrecision::F32);
+        set_matmul_precision(MatmulPrecision::Tf32);
+        assert_eq!(matmul_precision(), MatmulPrecision::Tf32);
+        set_matmul_precision(MatmulPrecision::F32);
+        assert_eq!(matmul_precision(), MatmulPrecision::F32);
     }
 
     /// The default build refuses a GPU with a clear error naming the device.

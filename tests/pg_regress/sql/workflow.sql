@@ -16,6 +16,12 @@ SET exceiver.device = 'cuda:1';
 SELECT * FROM exceiver.embed_table('ts', 'cells', 'emb_gpu'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('gpu_model', 'cells'); \echo :SQLSTATE
 RESET exceiver.device;
+-- TF32 matrix products on a GPU: off by default; a boolean
+SHOW exceiver.gpu_tf32;
+SET exceiver.gpu_tf32 = 'sometimes'; \echo :SQLSTATE
+SET exceiver.gpu_tf32 = on;
+SHOW exceiver.gpu_tf32;
+RESET exceiver.gpu_tf32;
 
 -- bulk path: the whole table in batches, into a new vector(512) column
 INSERT INTO cells VALUES ('d', ARRAY['X1','X2'], ARRAY[1,1]), ('e', NULL, NULL);
