@@ -5,7 +5,7 @@
 //! gpu_bench <checkpoint.ckpt|.safetensors> [--device cpu|cuda:N] [--fixtures DIR]
 //!           [--batches 16,64,256,1024] [--cells N] [--nnz K] [--repeat R]
 //!           [--train-batch B] [--train-steps S] [--mask M] [--mode reference|expressed]
-//!           [--skip-parity] [--skip-train] [--native] [--tf32]
+//!           [--skip-parity] [--skip-train] [--native] [--tf32] [--fused]
 //! ```
 //!
 //! 1. Loads the checkpoint (a Lightning `.ckpt` or safetensors; the published ones are
@@ -27,6 +27,10 @@
 //! ([`exceiver_core::device::set_matmul_precision`], `exceiver.gpu_tf32` in SQL): the
 //! parity section then measures TF32's error against the fixtures, reported beside the
 //! tolerances but not counted as failures.
+//!
+//! `--fused` runs each process layer as one fused op (`DeviceModel::with_fused_process`;
+//! on a GPU the custom kernel of `src/accel/kernels/process_layer.cu`) for parity and
+//! embedding; parity is checked at the f32 tolerances as without it.
 //!
 //! `--native` also times the hand-written CPU model (`Exceiver::embed_batch` on all
 //! cores, `train::Trainer`) on the same cells. Build the CUDA variant with `make cuda`
@@ -99,6 +103,7 @@ fn run() -> BoxResult<()> {
     let flag = |f: &str| args.iter().any(|a| a == f);
 
     let tf32 = flag("--tf32");
+    let fused = flag("--fused");
     if tf32 {
         exceiver_core::device::set_matmul_precision(exceiver_core::device::MatmulPrecision::Tf32);
     }
@@ -148,7 +153,7 @@ fn run() -> BoxResult<()> {
     if !flag("--skip-parity") {
         match (&fixtures, &inputs) {
             (Some(dir), Some(inp)) => {
-                let f = parity(dir, inp, &cfg, &params, &zero_fill, &dev)?;
+                let f = parity(dir, inp, &cfg, &params, &zero_fill, &dev, fused)?;
                 if tf32 && f > 0 {
                     println!(
                         "  (TF32: {f} check(s) past the f32 tolerances, reported, not failed)"
@@ -176,8 +181,9 @@ fn run() -> BoxResult<()> {
     let mean_nnz = cells.iter().map(|c| c.0.len()).sum::<usize>() as f64 / cells.len() as f64;
     if !batches.is_empty() {
         println!(
-            "\nembedding: {} synthetic cells, mean {mean_nnz:.0} expressed genes, attention {mode:?}, median of {repeat} runs",
-            cells.len()
+            "\nembedding: {} synthetic cells, mean {mean_nnz:.0} expressed genes, attention {mode:?}, process layers {}, median of {repeat} runs",
+            cells.len(),
+            if fused { "fused" } else { "unfused" }
         );
     }
     let native = (flag("--native") && !batches.is_empty()).then(|| {
@@ -188,7 +194,8 @@ fn run() -> BoxResult<()> {
         let longest = cells.iter().map(|c| c.0.len()).max().unwrap_or(1);
         let budget = bs * cfg.cross_heads * cfg.query_len * (longest + 2);
         let model = DeviceModel::new(cfg_b.clone(), &params, &zero_fill, &dev)?
-            .with_batch_elements(budget.max(accel::DEFAULT_BATCH_ELEMENTS));
+            .with_batch_elements(budget.max(accel::DEFAULT_BATCH_ELEMENTS))
+            .with_fused_process(fused)?;
         match time_embed(&model, &cells, bs, repeat) {
             Ok((rate, ms)) => {
                 println!("  batch {bs:>5}: {rate:>10.0} cells/s ({ms:.2} ms per batch)")
@@ -465,6 +472,7 @@ fn parity(
     params: &Params,
     zero_fill: &[f32],
     dev: &CDevice,
+    fused: bool,
 ) -> BoxResult<usize> {
     let classifier = cfg.num_classes.is_some();
     let (outputs, grads) = if classifier {
@@ -519,7 +527,7 @@ fn parity(
         let mut c = cfg.clone();
         c.attention = mode;
         let t = Instant::now();
-        let m = DeviceModel::new(c.clone(), params, zero_fill, dev)?;
+        let m = DeviceModel::new(c.clone(), params, zero_fill, dev)?.with_fused_process(fused)?;
         let enc = m.encode_batch(&cells)?;
         let o = m.forward_batch(&cells, &queries)?;
         let s = t.elapsed().as_secs_f64();

@@ -300,6 +300,147 @@ fn padding_and_chunking_do_not_change_results() {
     }
 }
 
+/// The fused process layer (one op per layer, `accel/fused.rs`; the CPU form of its
+/// CUDA kernel) against the reference fixtures and the unfused candle ops, both
+/// published checkpoints.
+#[test]
+fn fused_process_layer_matches_the_fixtures_and_the_unfused_ops() {
+    let inp = inputs();
+    for (wname, oname) in [
+        (
+            "pretrained_TS_exceiver.safetensors",
+            "exceiver_outputs.safetensors",
+        ),
+        (
+            "pretrained_TS_exceiver_classifier.safetensors",
+            "classifier_outputs.safetensors",
+        ),
+    ] {
+        let out = read_fixture(oname);
+        let (cfg, params) = weights(wname);
+        let plain = DeviceModel::new(cfg.clone(), &params, &inp.zero_fill, &Device::Cpu).unwrap();
+        let fused = DeviceModel::new(cfg.clone(), &params, &inp.zero_fill, &Device::Cpu)
+            .unwrap()
+            .with_fused_process(true)
+            .unwrap();
+        assert!(fused.fused_process() && !plain.fused_process());
+        let cells = inp.cells();
+        let a = plain.forward_batch(&cells, &inp.queries()).unwrap();
+        let b = fused.forward_batch(&cells, &inp.queries()).unwrap();
+        check(
+            &format!("{wname} fused embedding"),
+            &b.embedding,
+            &out["embedding"].v,
+            1e-5,
+        );
+        let e = rel32(&b.embedding, &a.embedding);
+        assert!(e <= 1e-5, "{wname}: fused vs unfused embedding {e:.2e}");
+        let pred: Vec<f32> = b.pred.concat();
+        check(&format!("{wname} fused pred"), &pred, &out["pred"].v, 5e-5);
+        if let Some(l) = &b.class_logits {
+            check(
+                &format!("{wname} fused class_logits"),
+                l,
+                &out["class_logits"].v,
+                5e-5,
+            );
+        }
+        // switching it off again gives the unfused path back
+        let off = fused.with_fused_process(false).unwrap();
+        assert!(!off.fused_process());
+        assert_eq!(
+            off.embed_batch(&cells).unwrap(),
+            plain.embed_batch(&cells).unwrap()
+        );
+    }
+}
+
+/// The fused process layer on random models of every supported width and head count,
+/// against the unfused ops; shapes without a kernel are refused with the reason.
+#[test]
+fn fused_process_layer_random_shapes() {
+    for (seed, d, heads, n, ff) in [
+        (11u64, 1, 1, 5, 7),
+        (12, 2, 1, 9, 16),
+        (13, 2, 2, 33, 3),
+        (14, 4, 4, 12, 24),
+        (15, 4, 2, 64, 50),
+        (16, 8, 2, 17, 40),
+        (17, 8, 8, 3, 9),
+        (18, 8, 1, 128, 64),
+    ] {
+        let cfg = Config {
+            seq_len: 120,
+            seq_dim: d,
+            query_len: n,
+            query_dim: d,
+            num_layers: 2,
+            nhead: heads,
+            cross_heads: 1,
+            dim_feedforward: ff,
+            dropout: 0.0,
+            num_classes: None,
+            attention: AttentionMode::Reference,
+            value_embedding: false,
+        };
+        let params = Params::init(&cfg, seed).unwrap();
+        let zf = vec![0.3f32; cfg.seq_len];
+        let plain = DeviceModel::new(cfg.clone(), &params, &zf, &Device::Cpu).unwrap();
+        let fused = DeviceModel::new(cfg.clone(), &params, &zf, &Device::Cpu)
+            .unwrap()
+            .with_fused_process(true)
+            .unwrap();
+        let mut rng = Rng::new(seed);
+        let owned: Vec<(Vec<u32>, Vec<f32>)> = (0..5)
+            .map(|k| {
+                let genes: Vec<u32> = (0..(3 + 7 * k) as u32).map(|g| g * 3 % 120).collect();
+                let vals = genes
+                    .iter()
+                    .map(|_| rng.uniform_range(-1.0, 9.0) as f32)
+                    .collect();
+                (genes, vals)
+            })
+            .collect();
+        let cells: Vec<(&[u32], &[f32])> = owned
+            .iter()
+            .map(|(g, v)| (g.as_slice(), v.as_slice()))
+            .collect();
+        let a = plain.embed_batch(&cells).unwrap();
+        let b = fused.embed_batch(&cells).unwrap();
+        let e = rel32(&b, &a);
+        assert!(
+            e <= 1e-5,
+            "d {d} heads {heads} n {n} ff {ff}: fused vs unfused {e:.2e}"
+        );
+    }
+    for (d, heads, n) in [(16, 4, 8), (3, 1, 8), (4, 4, 1025)] {
+        let cfg = Config {
+            seq_len: 20,
+            seq_dim: d,
+            query_len: n,
+            query_dim: d,
+            num_layers: 1,
+            nhead: heads,
+            cross_heads: 1,
+            dim_feedforward: 8,
+            dropout: 0.0,
+            num_classes: None,
+            attention: AttentionMode::Reference,
+            value_embedding: false,
+        };
+        let params = Params::init(&cfg, 1).unwrap();
+        let e = DeviceModel::new(cfg, &params, &[0.5; 20], &Device::Cpu)
+            .unwrap()
+            .with_fused_process(true)
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains(&format!("width {d}, {heads} heads, {n} latents")),
+            "{e}"
+        );
+    }
+}
+
 /// Random small models with head width 1, 2 and 4 (the general attention path) and a
 /// classifier, against the hand-written CPU model.
 #[test]

@@ -20,6 +20,7 @@
 //! On the CPU the hand-written model ([`crate::model::Exceiver`], [`crate::train`]) is
 //! several times faster than candle's CPU backend: use this module for GPUs.
 
+mod fused;
 mod model;
 mod net;
 mod pack;

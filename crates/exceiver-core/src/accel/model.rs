@@ -35,6 +35,8 @@ pub struct DeviceModel {
     q: Tensor,
     zero: Option<ZeroTerms>,
     budget: usize,
+    /// Each process layer's packed weights when the fused process layer is on.
+    fused: Option<Vec<Tensor>>,
 }
 
 impl std::fmt::Debug for DeviceModel {
@@ -94,6 +96,7 @@ impl DeviceModel {
             q,
             zero,
             budget: DEFAULT_BATCH_ELEMENTS,
+            fused: None,
         })
     }
 
@@ -112,6 +115,33 @@ impl DeviceModel {
     pub fn with_batch_elements(mut self, n: usize) -> DeviceModel {
         self.budget = n.max(1);
         self
+    }
+
+    /// Run each process layer as one fused op (`accel/fused.rs`; off by default: its
+    /// CUDA kernel has not been checked on a GPU yet). An error when the model's shape
+    /// has no fused kernel: latent width 1, 2, 4 or 8, a whole number of dimensions per
+    /// head, at most 1,024 latents. Inference only; training is unaffected.
+    pub fn with_fused_process(mut self, on: bool) -> Result<DeviceModel> {
+        if !on {
+            self.fused = None;
+            return Ok(self);
+        }
+        if !super::fused::supports(&self.cfg) {
+            return Err(Error::invalid(format!(
+                "the fused process layer needs a latent width of 1, 2, 4 or 8 divisible by the heads and at most {} latents; this model has width {}, {} heads, {} latents",
+                super::fused::MAX_LATENTS,
+                self.cfg.seq_dim,
+                self.cfg.nhead,
+                self.cfg.query_len
+            )));
+        }
+        self.fused = Some(self.net.fused_weights().map_err(compute_err)?);
+        Ok(self)
+    }
+
+    /// Whether the fused process layer is on.
+    pub fn fused_process(&self) -> bool {
+        self.fused.is_some()
     }
 
     pub fn config(&self) -> &Config {
@@ -245,7 +275,9 @@ impl DeviceModel {
         let enc = self
             .net
             .encode(&self.cfg, &self.q, self.zero.as_ref(), inp)?;
-        let mut outs = self.net.process(&self.cfg, &enc, false)?;
+        let mut outs = self
+            .net
+            .process(&self.cfg, &enc, false, self.fused.as_deref())?;
         Ok(outs.pop().unwrap_or(enc))
     }
 

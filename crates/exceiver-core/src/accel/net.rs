@@ -17,6 +17,7 @@
 //! terms use the cell's logits. Both are scaled to a common shift
 //! `m = max(M0, max_S logit)` per cell, latent and head.
 
+use super::fused::ProcessLayer;
 use crate::model::config::{AttentionMode, Config};
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
@@ -447,12 +448,28 @@ impl Net {
     }
 
     /// The process stack on `[B, N, d]`; returns the output of every layer when `all`,
-    /// else only the last one.
-    pub(crate) fn process(&self, cfg: &Config, x: &Tensor, all: bool) -> Result<Vec<Tensor>> {
+    /// else only the last one. With `fused` (each layer's [`Net::fused_weights`]) every
+    /// layer is one [`ProcessLayer`] op (inference only: no backward pass).
+    pub(crate) fn process(
+        &self,
+        cfg: &Config,
+        x: &Tensor,
+        all: bool,
+        fused: Option<&[Tensor]>,
+    ) -> Result<Vec<Tensor>> {
         let mut outs = Vec::new();
         let mut x = x.clone();
-        for lp in &self.layers {
-            x = self.layer(cfg, &x, lp)?;
+        let op = ProcessLayer {
+            d: cfg.seq_dim,
+            heads: cfg.nhead,
+            ff: cfg.dim_feedforward,
+            eps: LN_EPS as f32,
+        };
+        for (l, lp) in self.layers.iter().enumerate() {
+            x = match fused.and_then(|w| w.get(l)) {
+                Some(w) => x.contiguous()?.apply_op2_no_bwd(w, &op)?,
+                None => self.layer(cfg, &x, lp)?,
+            };
             if all {
                 outs.push(x.clone());
             }
@@ -461,6 +478,27 @@ impl Net {
             outs.push(x);
         }
         Ok(outs)
+    }
+
+    /// Each process layer's weights packed for [`ProcessLayer`], in the order of
+    /// `fused.rs`'s offsets: in_proj weight and bias (q, k, v), out_proj, norm1,
+    /// linear1, linear2, norm2.
+    pub(crate) fn fused_weights(&self) -> Result<Vec<Tensor>> {
+        self.layers
+            .iter()
+            .map(|lp| {
+                let a = &lp.attn;
+                let parts = [
+                    &a.q.w, &a.k.w, &a.v.w, &a.q.b, &a.k.b, &a.v.b, &a.out.w, &a.out.b, &lp.n1.w,
+                    &lp.n1.b, &lp.l1.w, &lp.l1.b, &lp.l2.w, &lp.l2.b, &lp.n2.w, &lp.n2.b,
+                ];
+                let flat = parts
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&flat, 0)?.contiguous()
+            })
+            .collect()
     }
 
     fn layer(&self, cfg: &Config, x: &Tensor, lp: &Layer) -> Result<Tensor> {

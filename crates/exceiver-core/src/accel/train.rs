@@ -474,7 +474,11 @@ impl DeviceTrainer {
         let host = pack_cells(cfg, &refs);
         let inp = EncIn::upload(&host, cfg, dev, true)?;
         let enc = self.net.encode(cfg, q, zt, &inp)?;
-        let lat = self.net.process(cfg, &enc, false)?.pop().unwrap_or(enc);
+        let lat = self
+            .net
+            .process(cfg, &enc, false, None)?
+            .pop()
+            .unwrap_or(enc);
         let nd = cfg.query_len * cfg.seq_dim;
         if let Some(out) = emb_out {
             let host = lat.flatten_all()?.to_vec1::<f32>()?;
