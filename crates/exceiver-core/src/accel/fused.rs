@@ -267,7 +267,7 @@ impl CustomOp2 for ProcessLayer {
         let (p0, p1) = l2.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("fused process layer: weights not contiguous".into())
         })?;
-        let dev = s1.device().clone();
+        let dev = s1.device.clone();
         let x = s1.as_cuda_slice::<f32>()?.slice(x0..x1);
         let p = s2.as_cuda_slice::<f32>()?.slice(p0..p1);
         let func = dev.get_or_load_custom_func(
