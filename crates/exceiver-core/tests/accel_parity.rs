@@ -413,7 +413,7 @@ fn fused_process_layer_random_shapes() {
             "d {d} heads {heads} n {n} ff {ff}: fused vs unfused {e:.2e}"
         );
     }
-    for (d, heads, n) in [(16, 4, 8), (3, 1, 8), (4, 4, 1025)] {
+    for (d, heads, n) in [(16, 4, 8), (3, 1, 8), (4, 4, 1025), (8, 2, 769)] {
         let cfg = Config {
             seq_len: 20,
             seq_dim: d,

@@ -25,6 +25,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 pub(crate) const WIDTHS: [usize; 4] = [1, 2, 4, 8];
 /// Most latents per cell (threads per block).
 pub(crate) const MAX_LATENTS: usize = 1024;
+/// Most latent values per cell: the kernel keeps a cell's keys and values (2·N·d f32)
+/// in shared memory, within the 48 KiB a kernel gets without opting in to more.
+pub(crate) const MAX_CELL_VALUES: usize = 6144;
 
 /// Whether `cfg`'s process stack can run fused.
 pub(crate) fn supports(cfg: &Config) -> bool {
@@ -32,6 +35,7 @@ pub(crate) fn supports(cfg: &Config) -> bool {
         && cfg.nhead > 0
         && cfg.seq_dim % cfg.nhead == 0
         && (1..=MAX_LATENTS).contains(&cfg.query_len)
+        && cfg.query_len * cfg.seq_dim <= MAX_CELL_VALUES
         && cfg.dim_feedforward > 0
 }
 
@@ -119,8 +123,10 @@ impl ProcessLayer {
                 self.d
             );
         }
-        if n == 0 || n > MAX_LATENTS {
-            candle_core::bail!("fused process layer: {n} latents (1 to {MAX_LATENTS})");
+        if n == 0 || n > MAX_LATENTS || n * d > MAX_CELL_VALUES {
+            candle_core::bail!(
+                "fused process layer: {n} latents of width {d} (1 to {MAX_LATENTS}, at most {MAX_CELL_VALUES} values)"
+            );
         }
         let want = packed_len(self.d, self.ff);
         if p.shape().elem_count() != want {

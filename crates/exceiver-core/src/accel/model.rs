@@ -120,7 +120,8 @@ impl DeviceModel {
     /// Run each process layer as one fused op (`accel/fused.rs`; off by default: its
     /// CUDA kernel has not been checked on a GPU yet). An error when the model's shape
     /// has no fused kernel: latent width 1, 2, 4 or 8, a whole number of dimensions per
-    /// head, at most 1,024 latents. Inference only; training is unaffected.
+    /// head, at most 1,024 latents and 6,144 latent values per cell. Inference only;
+    /// training is unaffected.
     pub fn with_fused_process(mut self, on: bool) -> Result<DeviceModel> {
         if !on {
             self.fused = None;
@@ -128,8 +129,9 @@ impl DeviceModel {
         }
         if !super::fused::supports(&self.cfg) {
             return Err(Error::invalid(format!(
-                "the fused process layer needs a latent width of 1, 2, 4 or 8 divisible by the heads and at most {} latents; this model has width {}, {} heads, {} latents",
+                "the fused process layer needs a latent width of 1, 2, 4 or 8 divisible by the heads, at most {} latents and {} latent values; this model has width {}, {} heads, {} latents",
                 super::fused::MAX_LATENTS,
+                super::fused::MAX_CELL_VALUES,
                 self.cfg.seq_dim,
                 self.cfg.nhead,
                 self.cfg.query_len
