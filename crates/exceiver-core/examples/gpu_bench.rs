@@ -104,38 +104,8 @@ fn run() -> BoxResult<()> {
 
     let tf32 = flag("--tf32");
     let fused = flag("--fused");
-    if tf32 {
-        exceiver_core::device::set_matmul_precision(exceiver_core::device::MatmulPrecision::Tf32);
-    }
-    let t0 = Instant::now();
-    let dev = device.open()?;
-    println!(
-        "device {device} opened in {:.2} s ({dev:?}); exceiver-core built {} CUDA; matrix products {:?}",
-        t0.elapsed().as_secs_f64(),
-        if cfg!(feature = "cuda") {
-            "with"
-        } else {
-            "without"
-        },
-        exceiver_core::device::matmul_precision()
-    );
-    let path = Path::new(ckpt);
-    let t0 = Instant::now();
-    let (cfg, params) = if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
-        load_safetensors(&std::fs::read(path).map_err(|e| format!("{ckpt}: {e}"))?)?
-    } else {
-        load_checkpoint(path)?
-    };
-    println!(
-        "model {ckpt}: {} genes, d {}, {} latents, {} layers, feed-forward {}, classes {:?}; loaded in {:.2} s",
-        cfg.seq_len,
-        cfg.seq_dim,
-        cfg.query_len,
-        cfg.num_layers,
-        cfg.dim_feedforward,
-        cfg.num_classes,
-        t0.elapsed().as_secs_f64()
-    );
+    let dev = open_device(device, tf32)?;
+    let (cfg, params) = load_model(ckpt)?;
     let fixtures = fixtures_dir(arg(&args, "--fixtures"));
     let inputs = fixtures
         .as_ref()
@@ -272,6 +242,48 @@ fn run() -> BoxResult<()> {
         }
     }
     finish(failed)
+}
+
+/// Open the device (TF32 matrix products when asked) and say so.
+fn open_device(device: Device, tf32: bool) -> BoxResult<CDevice> {
+    if tf32 {
+        exceiver_core::device::set_matmul_precision(exceiver_core::device::MatmulPrecision::Tf32);
+    }
+    let t0 = Instant::now();
+    let dev = device.open()?;
+    println!(
+        "device {device} opened in {:.2} s ({dev:?}); exceiver-core built {} CUDA; matrix products {:?}",
+        t0.elapsed().as_secs_f64(),
+        if cfg!(feature = "cuda") {
+            "with"
+        } else {
+            "without"
+        },
+        exceiver_core::device::matmul_precision()
+    );
+    Ok(dev)
+}
+
+/// A `.ckpt` or `.safetensors` checkpoint, described.
+fn load_model(ckpt: &str) -> BoxResult<(Config, Params)> {
+    let path = Path::new(ckpt);
+    let t0 = Instant::now();
+    let (cfg, params) = if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        load_safetensors(&std::fs::read(path).map_err(|e| format!("{ckpt}: {e}"))?)?
+    } else {
+        load_checkpoint(path)?
+    };
+    println!(
+        "model {ckpt}: {} genes, d {}, {} latents, {} layers, feed-forward {}, classes {:?}; loaded in {:.2} s",
+        cfg.seq_len,
+        cfg.seq_dim,
+        cfg.query_len,
+        cfg.num_layers,
+        cfg.dim_feedforward,
+        cfg.num_classes,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((cfg, params))
 }
 
 fn finish(failed: usize) -> BoxResult<()> {
