@@ -369,20 +369,7 @@ fn fused_process_layer_random_shapes() {
         (17, 8, 8, 3, 9),
         (18, 8, 1, 128, 64),
     ] {
-        let cfg = Config {
-            seq_len: 120,
-            seq_dim: d,
-            query_len: n,
-            query_dim: d,
-            num_layers: 2,
-            nhead: heads,
-            cross_heads: 1,
-            dim_feedforward: ff,
-            dropout: 0.0,
-            num_classes: None,
-            attention: AttentionMode::Reference,
-            value_embedding: false,
-        };
+        let cfg = process_cfg(120, d, heads, n, ff, 2);
         let params = Params::init(&cfg, seed).unwrap();
         let zf = vec![0.3f32; cfg.seq_len];
         let plain = DeviceModel::new(cfg.clone(), &params, &zf, &Device::Cpu).unwrap();
@@ -414,20 +401,7 @@ fn fused_process_layer_random_shapes() {
         );
     }
     for (d, heads, n) in [(16, 4, 8), (3, 1, 8), (4, 4, 1025), (8, 2, 769)] {
-        let cfg = Config {
-            seq_len: 20,
-            seq_dim: d,
-            query_len: n,
-            query_dim: d,
-            num_layers: 1,
-            nhead: heads,
-            cross_heads: 1,
-            dim_feedforward: 8,
-            dropout: 0.0,
-            num_classes: None,
-            attention: AttentionMode::Reference,
-            value_embedding: false,
-        };
+        let cfg = process_cfg(20, d, heads, n, 8, 1);
         let params = Params::init(&cfg, 1).unwrap();
         let e = DeviceModel::new(cfg, &params, &[0.5; 20], &Device::Cpu)
             .unwrap()
@@ -438,6 +412,25 @@ fn fused_process_layer_random_shapes() {
                 .contains(&format!("width {d}, {heads} heads, {n} latents")),
             "{e}"
         );
+    }
+}
+
+/// A model config for the fused-layer tests: `g` genes, width `d`, `heads` process
+/// heads, `n` latents, feed-forward `ff`, `layers` process layers.
+fn process_cfg(g: usize, d: usize, heads: usize, n: usize, ff: usize, layers: usize) -> Config {
+    Config {
+        seq_len: g,
+        seq_dim: d,
+        query_len: n,
+        query_dim: d,
+        num_layers: layers,
+        nhead: heads,
+        cross_heads: 1,
+        dim_feedforward: ff,
+        dropout: 0.0,
+        num_classes: None,
+        attention: AttentionMode::Reference,
+        value_embedding: false,
     }
 }
 
