@@ -174,74 +174,111 @@ fn run() -> BoxResult<()> {
         }
     }
     if let Some(m) = native {
-        let m = m?;
-        let refs: Vec<(&[u32], &[f32])> = cells
-            .iter()
-            .map(|(g, v)| (g.as_slice(), v.as_slice()))
-            .collect();
-        let t = Instant::now();
-        m.embed_batch(&refs, 0)?;
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "  hand-written CPU model ({} threads, kernels {}): {:.0} cells/s",
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-            Exceiver::kernel_name(),
-            refs.len() as f64 / s
-        );
+        time_native(&m?, &cells)?;
     }
-
     if training {
-        let batches: Vec<Vec<TrainCell>> = (0..=train_steps)
-            .map(|_| train_cells(&cells, train_batch, n_mask, &mut rng))
-            .collect::<Result<_, _>>()?;
-        let masked = batches[0].iter().map(|c| c.mask.len()).sum::<usize>();
-        println!(
-            "\ntraining: batch {train_batch} cells, {masked} masked genes per batch, attention {mode:?}, {train_steps} steps after 1 warm-up step"
-        );
-        let longest = batches
-            .iter()
-            .flatten()
-            .map(|c| c.genes.len())
-            .max()
-            .unwrap_or(1);
-        let budget = train_batch * cfg.cross_heads * cfg.query_len * (longest + 2);
-        let mut tr = DeviceTrainer::new(
-            cfg_b.clone(),
-            params.clone(),
-            zero_fill.clone(),
-            TrainOpts::default(),
-            &dev,
-        )?
-        .with_batch_elements(budget.max(accel::DEFAULT_BATCH_ELEMENTS));
-        tr.train_step(&batches[0])?;
-        dev.synchronize()?;
-        let t = Instant::now();
-        let mut last = 0.0;
-        for b in &batches[1..] {
-            last = tr.train_step(b)?.loss;
-        }
-        dev.synchronize()?;
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "  device: {:.0} cells/s ({:.1} ms per step; last loss {last:.4})",
-            (train_steps * train_batch) as f64 / s,
-            1e3 * s / train_steps as f64
-        );
-        if flag("--native") {
-            let mut cpu = Trainer::new(cfg_b, params, zero_fill, TrainOpts::default())?;
-            cpu.train_step(&batches[0])?;
-            let t = Instant::now();
-            for b in &batches[1..] {
-                cpu.train_step(b)?;
-            }
-            let s = t.elapsed().as_secs_f64();
-            println!(
-                "  hand-written CPU trainer (all cores): {:.0} cells/s",
-                (train_steps * train_batch) as f64 / s
-            );
-        }
+        let tb = TrainBench {
+            batch: train_batch,
+            steps: train_steps,
+            mask: n_mask,
+            native: flag("--native"),
+        };
+        time_training(&cfg, cfg_b, params, zero_fill, &dev, &cells, &mut rng, &tb)?;
     }
     finish(failed)
+}
+
+/// Embedding throughput of the hand-written CPU model on all cores.
+fn time_native(m: &Exceiver, cells: &[(Vec<u32>, Vec<f32>)]) -> BoxResult<()> {
+    let refs: Vec<(&[u32], &[f32])> = cells
+        .iter()
+        .map(|(g, v)| (g.as_slice(), v.as_slice()))
+        .collect();
+    let t = Instant::now();
+    m.embed_batch(&refs, 0)?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "  hand-written CPU model ({} threads, kernels {}): {:.0} cells/s",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Exceiver::kernel_name(),
+        refs.len() as f64 / s
+    );
+    Ok(())
+}
+
+/// What to time in training: batch size, steps, masked genes per cell, and whether the
+/// hand-written CPU trainer runs too.
+struct TrainBench {
+    batch: usize,
+    steps: usize,
+    mask: usize,
+    native: bool,
+}
+
+/// Training throughput on the device (and, with `native`, of the CPU trainer).
+#[allow(clippy::too_many_arguments)]
+fn time_training(
+    cfg: &Config,
+    cfg_b: Config,
+    params: Params,
+    zero_fill: Vec<f32>,
+    dev: &CDevice,
+    cells: &[(Vec<u32>, Vec<f32>)],
+    rng: &mut Rng,
+    tb: &TrainBench,
+) -> BoxResult<()> {
+    let mode = cfg_b.attention;
+    let (train_batch, train_steps) = (tb.batch, tb.steps);
+    let batches: Vec<Vec<TrainCell>> = (0..=tb.steps)
+        .map(|_| train_cells(cells, tb.batch, tb.mask, rng))
+        .collect::<Result<_, _>>()?;
+    let masked = batches[0].iter().map(|c| c.mask.len()).sum::<usize>();
+    println!(
+            "\ntraining: batch {train_batch} cells, {masked} masked genes per batch, attention {mode:?}, {train_steps} steps after 1 warm-up step"
+        );
+    let longest = batches
+        .iter()
+        .flatten()
+        .map(|c| c.genes.len())
+        .max()
+        .unwrap_or(1);
+    let budget = tb.batch * cfg.cross_heads * cfg.query_len * (longest + 2);
+    let mut tr = DeviceTrainer::new(
+        cfg_b.clone(),
+        params.clone(),
+        zero_fill.clone(),
+        TrainOpts::default(),
+        dev,
+    )?
+    .with_batch_elements(budget.max(accel::DEFAULT_BATCH_ELEMENTS));
+    tr.train_step(&batches[0])?;
+    dev.synchronize()?;
+    let t = Instant::now();
+    let mut last = 0.0;
+    for b in &batches[1..] {
+        last = tr.train_step(b)?.loss;
+    }
+    dev.synchronize()?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "  device: {:.0} cells/s ({:.1} ms per step; last loss {last:.4})",
+        (tb.steps * tb.batch) as f64 / s,
+        1e3 * s / tb.steps as f64
+    );
+    if tb.native {
+        let mut cpu = Trainer::new(cfg_b, params, zero_fill, TrainOpts::default())?;
+        cpu.train_step(&batches[0])?;
+        let t = Instant::now();
+        for b in &batches[1..] {
+            cpu.train_step(b)?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "  hand-written CPU trainer (all cores): {:.0} cells/s",
+            (tb.steps * tb.batch) as f64 / s
+        );
+    }
+    Ok(())
 }
 
 /// Open the device (TF32 matrix products when asked) and say so.
@@ -578,6 +615,28 @@ fn parity(
         );
         println!("  ({mode:?}: model set-up and 16 cells in {s:.2} s)");
     }
+    check_training(
+        dir, inp, cfg, params, zero_fill, dev, &cells, &out, grads, &mut ck,
+    )?;
+    Ok(ck.failed)
+}
+
+/// Parity of the training loss and gradients of the fixtures' training batch.
+#[allow(clippy::too_many_arguments)]
+fn check_training(
+    dir: &Path,
+    inp: &HashMap<String, T>,
+    cfg: &Config,
+    params: &Params,
+    zero_fill: &[f32],
+    dev: &CDevice,
+    cells: &[(&[u32], &[f32])],
+    out: &HashMap<String, T>,
+    grads: &str,
+    ck: &mut Checks,
+) -> BoxResult<()> {
+    let b = cells.len();
+    let classifier = cfg.num_classes.is_some();
     // training batch: 100 masked genes per cell, the reference's draws
     let ids = get(inp, "train_mask_ids")?.u32();
     let nm = get(inp, "train_mask_ids")?.v.len() / b.max(1);
@@ -604,7 +663,7 @@ fn parity(
     let t = Instant::now();
     let (stats, g) = accel::loss_and_grads(cfg, params, zero_fill, &batch, dev)?;
     let s = t.elapsed().as_secs_f64();
-    let loss_ref = get(&out, "train_loss")?
+    let loss_ref = get(out, "train_loss")?
         .v
         .first()
         .copied()
@@ -630,5 +689,5 @@ fn parity(
         1e-4,
     );
     println!("  (loss and gradients in {s:.2} s)");
-    Ok(ck.failed)
+    Ok(())
 }

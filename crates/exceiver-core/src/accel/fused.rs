@@ -33,7 +33,7 @@ pub(crate) const MAX_CELL_VALUES: usize = 6144;
 pub(crate) fn supports(cfg: &Config) -> bool {
     WIDTHS.contains(&cfg.seq_dim)
         && cfg.nhead > 0
-        && cfg.seq_dim % cfg.nhead == 0
+        && cfg.seq_dim.is_multiple_of(cfg.nhead)
         && (1..=MAX_LATENTS).contains(&cfg.query_len)
         && cfg.query_len * cfg.seq_dim <= MAX_CELL_VALUES
         && cfg.dim_feedforward > 0
@@ -116,7 +116,7 @@ impl ProcessLayer {
     /// `(B, N)` of an input layout, checked against the op and the packed weights.
     fn dims(&self, x: &Layout, p: &Layout) -> Result<(usize, usize)> {
         let (b, n, d) = x.shape().dims3()?;
-        if d != self.d || !WIDTHS.contains(&d) || self.heads == 0 || d % self.heads != 0 {
+        if d != self.d || !WIDTHS.contains(&d) || self.heads == 0 || !d.is_multiple_of(self.heads) {
             candle_core::bail!(
                 "fused process layer: width {d} with {} heads (op for width {})",
                 self.heads,
