@@ -431,6 +431,7 @@ fn process_cfg(g: usize, d: usize, heads: usize, n: usize, ff: usize, layers: us
         num_classes: None,
         attention: AttentionMode::Reference,
         value_embedding: false,
+        value_per_gene: false,
     }
 }
 
@@ -457,11 +458,19 @@ fn random_models_match_the_cpu_model() {
                 dropout: 0.0,
                 num_classes: classes,
                 attention: mode,
-                // odd seeds: the value embedding (a term v·u in every token)
+                // odd seeds: the value embedding (a term v·u in every token), one
+                // per gene for seed 3
                 value_embedding: seed % 2 == 1,
+                value_per_gene: seed == 3,
             };
-            let params = Params::init(&cfg, seed).unwrap();
+            let mut params = Params::init(&cfg, seed).unwrap();
             let mut rng = Rng::new(seed + 100);
+            if cfg.value_per_gene {
+                // rows start equal; make them differ so a row mix-up shows
+                for x in params.value_emb.iter_mut() {
+                    *x = rng.normal() as f32;
+                }
+            }
             let zf: Vec<f32> = (0..cfg.seq_len)
                 .map(|_| rng.uniform_range(-0.8, 1.2) as f32)
                 .collect();

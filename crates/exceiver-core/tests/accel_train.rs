@@ -142,6 +142,7 @@ fn tiny(
         num_classes: classes,
         attention: mode,
         value_embedding: false,
+        value_per_gene: false,
     }
 }
 
@@ -189,11 +190,27 @@ fn random_models_match_the_cpu_trainer() {
             value_embedding: true,
             ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
         },
+        Config {
+            value_embedding: true,
+            value_per_gene: true,
+            ..tiny(AttentionMode::Reference, 4, 4, 4, Some(3))
+        },
+        Config {
+            value_embedding: true,
+            value_per_gene: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
     ];
     for (s, cfg) in configs.into_iter().enumerate() {
         let seed = 10 + s as u64;
-        let params = Params::init(&cfg, seed).unwrap();
+        let mut params = Params::init(&cfg, seed).unwrap();
         let mut rng = Rng::new(seed);
+        if cfg.value_per_gene {
+            // rows start equal; make them differ so a row mix-up shows
+            for x in params.value_emb.iter_mut() {
+                *x = rng.normal() as f32;
+            }
+        }
         let zf: Vec<f32> = (0..cfg.seq_len)
             .map(|_| rng.uniform_range(-0.6, 0.9) as f32)
             .collect();
@@ -530,6 +547,11 @@ fn contrastive_steps_match_the_cpu_trainer() {
             ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
         },
         tiny(AttentionMode::Reference, 4, 4, 4, None),
+        Config {
+            value_embedding: true,
+            value_per_gene: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
     ];
     for (s, cfg) in configs.into_iter().enumerate() {
         let seed = 40 + s as u64;
@@ -585,9 +607,11 @@ fn contrastive_steps_match_the_cpu_trainer() {
             r <= 2e-2,
             "device and CPU contrastive updates differ by {r:.2e}"
         );
-        if cfg.attention == AttentionMode::ExpressedOnly {
+        if s == 0 {
             // (with reference attention every cell attends over all 57 genes of this
-            // tiny vocabulary, so its embeddings barely differ between cells)
+            // tiny vocabulary, so its embeddings barely differ between cells; in 30
+            // steps at 1e-3 the loss falls by 10 % for this seed, by 1-2 % for others,
+            // so the per-gene model is checked for parity only)
             for _ in 0..30 {
                 cpu.train_step_contrastive(&views, 0.5, 2.0).unwrap();
             }

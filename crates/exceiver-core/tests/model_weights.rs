@@ -86,6 +86,25 @@ fn safetensors_round_trip() {
     assert_eq!(c3, small);
     assert_eq!(p3, p);
     assert_eq!(load_safetensors_with(&b, &small).unwrap(), p);
+    // a per-gene value embedding: [emb_rows, d], found from its shape without metadata
+    small.value_embedding = true;
+    small.value_per_gene = true;
+    let p = Params::init(&small, 2).unwrap();
+    assert_eq!(p.value_emb.len(), small.emb_rows() * small.seq_dim);
+    let b = save_safetensors(&small, &p, &[]).unwrap();
+    assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
+    let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+    let shapes = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    let inferred = exceiver_core::model::weights::infer_config(&shapes).unwrap();
+    assert!(inferred.value_embedding && inferred.value_per_gene);
+    let mut shared = small.clone();
+    shared.value_per_gene = false;
+    let e = load_safetensors_with(&b, &shared).unwrap_err();
+    assert!(e.message.contains("value_emb"), "{}", e.message);
 }
 
 /// The same weights always give the same bytes: the metadata (a HashMap inside the

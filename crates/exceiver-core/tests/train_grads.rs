@@ -161,6 +161,7 @@ fn tiny_config(mode: AttentionMode, heads: usize, d: usize, classes: Option<usiz
         num_classes: classes,
         attention: mode,
         value_embedding: false,
+        value_per_gene: false,
     }
 }
 
@@ -217,7 +218,13 @@ fn dense_loss(cfg: &Config, p: &Params, zf: &[f32], cells: &[TrainCell]) -> f64 
 
 fn finite_difference_check(cfg: Config, seed: u64) {
     let mut rng = Rng::new(seed);
-    let params = Params::init(&cfg, seed).unwrap();
+    let mut params = Params::init(&cfg, seed).unwrap();
+    if cfg.value_per_gene {
+        // rows start equal; make them differ so a row mix-up shows
+        for x in params.value_emb.iter_mut() {
+            *x = rng.normal() as f32;
+        }
+    }
     let zf: Vec<f32> = (0..cfg.seq_len)
         .map(|_| rng.uniform_range(-0.5, 0.8) as f32)
         .collect();
@@ -328,17 +335,21 @@ fn finite_differences_odd_widths() {
 
 #[test]
 fn finite_differences_value_embedding() {
-    // the token LN(v·E[g]) + v·u: u's gradient, and E's through both terms
-    for (k, mode) in [AttentionMode::Reference, AttentionMode::ExpressedOnly]
-        .into_iter()
-        .enumerate()
-    {
-        let mut c = tiny_config(mode, 4, 4, None);
-        c.value_embedding = true;
-        finite_difference_check(c.clone(), 7 + k as u64);
-        c.num_classes = Some(3);
-        c.cross_heads = 2;
-        finite_difference_check(c, 9 + k as u64);
+    // the token LN(v·E[g]) + v·u: u's gradient, and E's through both terms; per gene,
+    // LN(v·E[g]) + v·U[g]: each row of U gets its own genes' gradient
+    for (seed, per_gene) in [(7u64, false), (11, true)] {
+        for (k, mode) in [AttentionMode::Reference, AttentionMode::ExpressedOnly]
+            .into_iter()
+            .enumerate()
+        {
+            let mut c = tiny_config(mode, 4, 4, None);
+            c.value_embedding = true;
+            c.value_per_gene = per_gene;
+            finite_difference_check(c.clone(), seed + k as u64);
+            c.num_classes = Some(3);
+            c.cross_heads = 2;
+            finite_difference_check(c, seed + 2 + k as u64);
+        }
     }
 }
 
@@ -360,6 +371,7 @@ fn adam_learns_a_synthetic_problem() {
         num_classes: None,
         attention: AttentionMode::Reference,
         value_embedding: false,
+        value_per_gene: false,
     };
     let mut rng = Rng::new(11);
     // two cell types with their own gene profiles

@@ -83,8 +83,9 @@ pub(crate) struct Net {
     dec: Cross,
     vhead: Head,
     chead: Option<Head>,
-    /// `value_emb` `[d]` with [`Config::value_embedding`]: `v·u` is added to each token
-    /// after `layernorm_kv`.
+    /// `value_emb` `[d]` with [`Config::value_embedding`] (`[emb_rows, d]` with
+    /// [`Config::value_per_gene`]): `v·u` (`v·u[g]`) is added to each token after
+    /// `layernorm_kv`.
     value_emb: Option<Tensor>,
 }
 
@@ -330,7 +331,12 @@ impl Net {
         let x0 = self.gene_emb.narrow(0, 0, g)?.broadcast_mul(zf)?;
         let mut kn = layer_norm(&x0, &self.enc.ln_kv)?;
         if let Some(u) = &self.value_emb {
-            kn = (kn + zf.broadcast_mul(&u.unsqueeze(0)?)?)?;
+            let u = if cfg.value_per_gene {
+                u.narrow(0, 0, g)?
+            } else {
+                u.unsqueeze(0)?
+            };
+            kn = (kn + zf.broadcast_mul(&u)?)?;
         }
         // [G, d] → [H, G, hd]
         let split =
@@ -371,8 +377,13 @@ impl Net {
             .broadcast_mul(&x.val)?;
         let mut kn = layer_norm(&kv, &enc.ln_kv)?;
         if let Some(u) = &self.value_emb {
-            // [B, L, 1] · [1, 1, d]
-            kn = (kn + x.val.broadcast_mul(&u.reshape((1, 1, d))?)?)?;
+            // [B, L, 1] · [1, 1, d], or per gene [B, L, 1] · [B, L, d]
+            let u = if cfg.value_per_gene {
+                x.tok.gather(u)?.reshape((b, l, d))?
+            } else {
+                u.reshape((1, 1, d))?
+            };
+            kn = (kn + x.val.broadcast_mul(&u)?)?;
         }
         let k = heads(&linear(&kn, &enc.attn.k)?, h)?; // [B, H, L, hd]
         let v = heads(&linear(&kn, &enc.attn.v)?, h)?;

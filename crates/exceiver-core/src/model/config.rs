@@ -67,6 +67,13 @@ pub struct Config {
     /// expressed. With this on it can (keys and values gain a term linear in `v`).
     #[serde(default)]
     pub value_embedding: bool,
+    /// With [`Config::value_embedding`]: one value vector per embedding row (`value_emb`
+    /// `[emb_rows, d]`) instead of one shared d-vector, so that each gene adds
+    /// `v · value_emb[g]` to its token: the encoder then sees every gene's value along a
+    /// direction of its own, linearly, as PCA does, where the shared vector gives every
+    /// gene the same direction.
+    #[serde(default)]
+    pub value_per_gene: bool,
 }
 
 impl Config {
@@ -86,6 +93,7 @@ impl Config {
             num_classes: None,
             attention: AttentionMode::Reference,
             value_embedding: false,
+            value_per_gene: false,
         }
     }
 
@@ -120,6 +128,7 @@ impl Config {
             num_classes: None,
             attention: AttentionMode::Reference,
             value_embedding: false,
+            value_per_gene: false,
         }
     }
 
@@ -139,6 +148,16 @@ impl Config {
         self.query_len * self.query_dim
     }
 
+    /// Rows of `value_emb`: 0 without a value embedding, 1 shared, or one per
+    /// embedding row with [`Config::value_per_gene`].
+    pub fn value_rows(&self) -> usize {
+        match (self.value_embedding, self.value_per_gene) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => self.emb_rows(),
+        }
+    }
+
     /// The number of parameters, to within the small vectors (norms, biases): the gene
     /// embedding, the latents, and every layer's feed-forward and attention matrices.
     /// Used to refuse shapes past the memory budget before allocating them.
@@ -147,7 +166,7 @@ impl Config {
         let ff = self.dim_feedforward as u128;
         // process layers, the encoder's and the decoder's cross-attention blocks
         let blocks = self.num_layers as u128 + 2;
-        self.emb_rows() as u128 * d
+        (self.emb_rows() + self.value_rows()) as u128 * d
             + self.query_len as u128 * d
             + blocks * (2 * ff * d + 4 * d * d + ff + 8 * d)
     }
@@ -271,6 +290,7 @@ impl Config {
                 .map(|x| x as usize),
             attention: AttentionMode::Reference,
             value_embedding: false,
+            value_per_gene: false,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -67,7 +67,7 @@ struct Prep {
     k1: Vec<f32>,
     v1: Vec<f32>,
     /// with a value embedding u: Wk u and Wv u (a token with value x adds x·ku to
-    /// its key and x·vu to its value); empty without
+    /// its key and x·vu to its value), one row or one per embedding row; empty without
     ku: Vec<f32>,
     vu: Vec<f32>,
     /// V0 = Wv b_kv + bv
@@ -594,10 +594,10 @@ impl Exceiver {
                 tk[cc * nnz + e] = c * p.k1[row * d + cc];
                 tv[cc * nnz + e] = c * p.v1[row * d + cc];
             }
-            if !p.ku.is_empty() {
+            if let Some((ku, vu)) = p.value_rows(row) {
                 for cc in 0..d {
-                    tk[cc * nnz + e] += x * p.ku[cc];
-                    tv[cc * nnz + e] += x * p.vu[cc];
+                    tk[cc * nnz + e] += x * ku[cc];
+                    tv[cc * nnz + e] += x * vu[cc];
                 }
             }
         }
@@ -1011,6 +1011,19 @@ fn max_logits(hd: usize, q: &[f32], nq: usize, k: &[f32], nk: usize, m: &mut [f3
 }
 
 impl Prep {
+    /// The key and value terms of the value embedding for embedding row `row` (the
+    /// shared ones without [`Config::value_per_gene`]); `None` without a value
+    /// embedding.
+    fn value_rows(&self, row: usize) -> Option<(&[f32], &[f32])> {
+        let d = self.d;
+        let r = match self.ku.len() / d {
+            0 => return None,
+            1 => 0,
+            _ => row,
+        };
+        Some((&self.ku[r * d..(r + 1) * d], &self.vu[r * d..(r + 1) * d]))
+    }
+
     fn new(cfg: &Config, params: &Params) -> Prep {
         let d = cfg.seq_dim;
         let ch = cfg.cross_heads;
@@ -1049,9 +1062,9 @@ impl Prep {
         }
         // value embedding: the key/value projections of u (no bias; the bias is in
         // the per-model constants), scaled by each token's value in the encoder
+        // (one row shared by every gene, or one per embedding row)
         let (mut ku, mut vu) = (Vec::new(), Vec::new());
-        if cfg.value_embedding {
-            let u = &params.value_emb;
+        for u in params.value_emb.chunks_exact(d) {
             for c in 0..d {
                 let (mut sk, mut sv) = (0.0f32, 0.0f32);
                 for cc in 0..d {
@@ -1140,10 +1153,10 @@ impl ZeroSums {
                 t0[gi * d + cc] = c * p.k1[gi * d + cc];
                 w0[gi * d + cc] = c * p.v1[gi * d + cc];
             }
-            if !p.ku.is_empty() {
+            if let Some((ku, vu)) = p.value_rows(gi) {
                 for cc in 0..d {
-                    t0[gi * d + cc] += x * p.ku[cc];
-                    w0[gi * d + cc] += x * p.vu[cc];
+                    t0[gi * d + cc] += x * ku[cc];
+                    w0[gi * d + cc] += x * vu[cc];
                 }
             }
         }

@@ -58,7 +58,8 @@ impl Exceiver {
             let mut kn = vec![0.0f32; d];
             layer_norm(&enc.layernorm_kv, &x, &mut kn);
             if cfg.value_embedding {
-                for (k, u) in kn.iter_mut().zip(&p.value_emb) {
+                let r = if cfg.value_per_gene { g } else { 0 };
+                for (k, u) in kn.iter_mut().zip(&p.value_emb[r * d..(r + 1) * d]) {
                     *k += v * u;
                 }
             }

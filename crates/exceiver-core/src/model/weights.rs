@@ -81,7 +81,8 @@ pub struct Params {
     pub value_head: HeadParams,
     pub class_head: Option<HeadParams>,
     /// `value_emb`, `[d]`, with [`Config::value_embedding`] only (else empty): added
-    /// to each gene token after the encoder's `layernorm_kv`, times the token's value.
+    /// to each gene token after the encoder's `layernorm_kv`, times the token's value;
+    /// `[emb_rows, d]` with [`Config::value_per_gene`], row g for gene g's tokens.
     pub value_emb: Vec<f32>,
 }
 
@@ -150,7 +151,9 @@ macro_rules! visit_params {
             f("mlp_classify.3.weight".to_string(), vec![c, c], & $($m)? ch.linear2.weight)?;
             f("mlp_classify.3.bias".to_string(), vec![c], & $($m)? ch.linear2.bias)?;
         }
-        if cfg.value_embedding {
+        if cfg.value_per_gene && cfg.value_embedding {
+            f(VALUE_EMB.to_string(), vec![cfg.emb_rows(), d], & $($m)? p.value_emb)?;
+        } else if cfg.value_embedding {
             f(VALUE_EMB.to_string(), vec![d], & $($m)? p.value_emb)?;
         }
         Ok::<(), Error>(())
@@ -223,11 +226,7 @@ impl Params {
             decoder: cross(d),
             value_head: head(d, 1),
             class_head: cfg.num_classes.map(|c| head(d, c)),
-            value_emb: if cfg.value_embedding {
-                vec![0.0; d]
-            } else {
-                Vec::new()
-            },
+            value_emb: vec![0.0; cfg.value_rows() * d],
         }
     }
 
@@ -248,6 +247,13 @@ impl Params {
                 if name == "gene_emb.weight" {
                     let g = cfg.seq_len;
                     v[g * d..(g + 1) * d].iter_mut().for_each(|x| *x = 0.0);
+                }
+                if name == VALUE_EMB && v.len() > d {
+                    // per-gene rows start equal (the shared vector's draw), so a new
+                    // model computes what the shared one would; genes part in training
+                    let (first, rest) = v.split_at_mut(d);
+                    rest.chunks_exact_mut(d)
+                        .for_each(|r| r.copy_from_slice(first));
                 }
             } else if name.ends_with("in_proj_weight") {
                 let bound = (6.0 / (d + 3 * d) as f64).sqrt();
@@ -457,6 +463,7 @@ pub fn infer_config(shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
         num_classes,
         attention: Default::default(),
         value_embedding: shapes.contains_key(VALUE_EMB),
+        value_per_gene: shapes.get(VALUE_EMB).is_some_and(|s| s.len() == 2),
     };
     cfg.validate()?;
     Ok(cfg)

@@ -112,8 +112,9 @@ fn mha_core(
         .collect()
 }
 
-/// The reference `CrossAttn.forward` (residual = true). `value_term`: (u, v per key)
-/// adds v·u to each normalised key/value input ([`Config::value_embedding`]).
+/// The reference `CrossAttn.forward` (residual = true). `value_term`: (u per key, v per
+/// key) adds v·u to each normalised key/value input ([`Config::value_embedding`]; u is
+/// the same vector for every key without [`Config::value_per_gene`]).
 #[allow(clippy::too_many_arguments)]
 fn cross_attn(
     p: &CrossAttnParams,
@@ -122,13 +123,13 @@ fn cross_attn(
     kv: &[Vec<f64>],
     bias: &[f64],
     keep: &[bool],
-    value_term: Option<(&[f32], &[f64])>,
+    value_term: Option<(&[&[f32]], &[f64])>,
 ) -> Vec<Vec<f64>> {
     let d = query.first().map_or(0, |r| r.len());
     let mut kvn: Vec<Vec<f64>> = kv.iter().map(|x| ln(&p.layernorm_kv, x)).collect();
-    if let Some((u, vals)) = value_term {
-        for (x, &v) in kvn.iter_mut().zip(vals) {
-            for (xc, &uc) in x.iter_mut().zip(u) {
+    if let Some((us, vals)) = value_term {
+        for ((x, &v), u) in kvn.iter_mut().zip(vals).zip(us) {
+            for (xc, &uc) in x.iter_mut().zip(*u) {
                 *xc += v * uc as f64;
             }
         }
@@ -217,8 +218,14 @@ pub fn dense_forward(
                 .collect()
         })
         .collect();
+    let us: Vec<&[f32]> = (0..g)
+        .map(|gi| {
+            let r = if cfg.value_per_gene { ids[gi] } else { 0 };
+            &params.value_emb[(r * d).min(params.value_emb.len())..]
+        })
+        .collect();
     let value_term = if cfg.value_embedding {
-        Some((&params.value_emb[..], &vals[..]))
+        Some((&us[..], &vals[..]))
     } else {
         None
     };

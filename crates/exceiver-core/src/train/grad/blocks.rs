@@ -271,21 +271,39 @@ pub(super) fn attn_bwd(
     }
 }
 
-/// Token rows `kn` (n × d, after layernorm_kv) += v_e · u ([`Config::value_embedding`]).
-pub(super) fn add_value_term(kn: &mut [f32], vals: &[f32], u: &[f32], d: usize) {
-    for (row, &v) in kn.chunks_exact_mut(d).zip(vals) {
-        for (x, &uc) in row.iter_mut().zip(u) {
+/// Token rows `kn` (n × d, after layernorm_kv) += v_e · u ([`Config::value_embedding`]),
+/// with `u` the shared d-vector or, per gene ([`Config::value_per_gene`]), row
+/// `row(e)` of the `[emb_rows, d]` table.
+pub(super) fn add_value_term(
+    kn: &mut [f32],
+    vals: &[f32],
+    u: &[f32],
+    d: usize,
+    row: impl Fn(usize) -> usize,
+) {
+    let shared = u.len() == d;
+    for (e, (x, &v)) in kn.chunks_exact_mut(d).zip(vals).enumerate() {
+        let r = if shared { 0 } else { row(e) };
+        for (x, &uc) in x.iter_mut().zip(&u[r * d..(r + 1) * d]) {
             *x += v * uc;
         }
     }
 }
 
-/// ∂L/∂u += Σ_e v_e · ∂L/∂kn_e (the other half of the token's gradient goes on
-/// through layernorm_kv as before).
-pub(super) fn value_term_bwd(dkn: &[f32], vals: &[f32], d: usize, du: &mut [f32]) {
-    for (row, &v) in dkn.chunks_exact(d).zip(vals) {
-        for (g, &x) in du.iter_mut().zip(row) {
-            *g += v * x;
+/// ∂L/∂u += Σ_e v_e · ∂L/∂kn_e, into row `row(e)` per gene (the other half of the
+/// token's gradient goes on through layernorm_kv as before).
+pub(super) fn value_term_bwd(
+    dkn: &[f32],
+    vals: &[f32],
+    d: usize,
+    du: &mut [f32],
+    row: impl Fn(usize) -> usize,
+) {
+    let shared = du.len() == d;
+    for (e, (x, &v)) in dkn.chunks_exact(d).zip(vals).enumerate() {
+        let r = if shared { 0 } else { row(e) };
+        for (g, &xc) in du[r * d..(r + 1) * d].iter_mut().zip(x) {
+            *g += v * xc;
         }
     }
 }

@@ -45,7 +45,7 @@ pub(super) fn zero_fill_terms(sh: &mut Shared<'_>, threads: usize) -> Result<()>
         &mut k0_rstd,
     );
     if cfg.value_embedding {
-        add_value_term(&mut k0_kn, zf, &p.value_emb, d);
+        add_value_term(&mut k0_kn, zf, &p.value_emb, d, |e| e);
     }
     let mut tmp = vec![0.0f32; g * d];
     let mut k0t = vec![0.0f32; d * gpad];
@@ -154,7 +154,7 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws) {
         buf(&mut ws.e_rstd, nnz),
     );
     if sh.cfg.value_embedding {
-        add_value_term(kn, val, &p.value_emb, d);
+        add_value_term(kn, val, &p.value_emb, d, |e| tok[e] as usize);
     }
     let tmp = buf(&mut ws.g2, nnz * d);
     let kt = zeroed(&mut ws.e_kt, d * epad);
@@ -287,7 +287,10 @@ pub(super) fn backward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc
         lin_bwd(&ew[2 * d * d..], kn, dv, d, d, Some(&mut *dkn), gwv, gbv);
     }
     if sh.cfg.value_embedding {
-        value_term_bwd(dkn, &ws.val[..nnz], d, &mut gr.value_emb);
+        let tok = &ws.tok[..nnz];
+        value_term_bwd(dkn, &ws.val[..nnz], d, &mut gr.value_emb, |e| {
+            tok[e] as usize
+        });
     }
     let dx = zeroed(&mut ws.gt2, nnz * d);
     ln_bwd(
@@ -415,7 +418,7 @@ pub(super) fn finish(sh: &Shared, acc: &mut Acc) {
             gbv,
         );
         if sh.cfg.value_embedding {
-            value_term_bwd(&dkn, &sh.zf[..g], d, &mut gr.value_emb);
+            value_term_bwd(&dkn, &sh.zf[..g], d, &mut gr.value_emb, |e| e);
         }
         let mut dx = vec![0.0f32; g * d];
         ln_bwd(
