@@ -11,6 +11,8 @@
 //!   --stim JSON          also finetune a stim classifier with these exceiver.finetune options
 //!   --with-pbmc          train on Kang and PBMC 3k together (without labels), as a user
 //!                        trains on all their cells, the ones they will query included
+//!   --pbmc-only          train on PBMC 3k alone (without labels), as PCA is fit on it:
+//!                        what the recipe reaches in-domain
 //!   --kang-labels        also score Kang's `cell_type` (PCA of Kang beside the model's
 //!                        embedding): a second labelled dataset, not the one tuned on
 //!   --threads 2 --k 15
@@ -89,7 +91,10 @@ fn main() {
         &score(&pick, 50, &labels, classes, k, threads),
     );
     let both;
-    let train_on = if a.0.iter().any(|x| x == "--with-pbmc") {
+    let train_on = if a.0.iter().any(|x| x == "--pbmc-only") {
+        eprintln!("training on PBMC 3k alone (the cells that are scored, as PCA is fit on them)");
+        &pbmc
+    } else if a.0.iter().any(|x| x == "--with-pbmc") {
         both = concat(&kang, &pbmc);
         eprintln!(
             "training on Kang and PBMC 3k together: {} cells, {} genes",

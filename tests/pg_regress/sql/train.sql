@@ -94,6 +94,25 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"learning_rate": -1}'); \echo 
 SELECT * FROM exceiver.train('x', 'kang_small', '{"dropout": 0.1}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "huge"}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"value_embedding": "yes"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"lr_schedule": "linear"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_support": 64, "contrastive_head": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_debias": 0.1, "contrastive_head": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_debias": 0.5}'); \echo :SQLSTATE
+-- one value vector per gene ("per_gene"), a cosine learning-rate schedule,
+-- nearest-neighbour positives and debiased negatives: recorded in the config and the
+-- options; the model embeds
+SET client_min_messages = warning;
+SELECT model, epochs FROM exceiver.train('tiny_pg', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16,
+  "num_layers": 1, "dim_feedforward": 32, "epochs": 2, "batch_size": 32, "min_cells": 20, "value_embedding": "per_gene",
+  "lr_schedule": "cosine", "contrastive_support": 64, "contrastive_debias": 0.1}');
+RESET client_min_messages;
+SELECT config->>'value_embedding' AS value_embedding, config->>'value_per_gene' AS per_gene,
+       metrics->'options'->>'lr_schedule' AS lr_schedule, metrics->'options'->>'contrastive_support' AS support,
+       metrics->'options'->>'contrastive_debias' AS debias
+FROM exceiver.model_catalog WHERE name = 'tiny_pg';
+SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny_pg', genes, counts))) AS dims
+FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 5) p;
+SELECT exceiver.drop_model('tiny_pg');
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "value_embedding": false}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"standardize": "yes"}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "standardize": true}'); \echo :SQLSTATE

@@ -165,7 +165,10 @@ pub fn classifier_start(
         params.layers = b.layers.clone();
         params.decoder = b.decoder.clone();
         params.value_head = b.value_head.clone();
-        params.value_emb = b.value_emb.clone();
+        // per gene: the base's rows; a classifier's class-token row (never an
+        // encoder token) keeps its initial value
+        let nv = b.value_emb.len().min(params.value_emb.len());
+        params.value_emb[..nv].copy_from_slice(&b.value_emb[..nv]);
     }
     Ok(Start {
         cfg,
@@ -612,6 +615,11 @@ fn epoch(
     Ok((loss_sum / n, closs_sum / n))
 }
 
+/// Optimiser steps in one epoch of the training cells.
+fn steps_per_epoch(data: &Data, o: &Options) -> u64 {
+    ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64
+}
+
 /// Step 2: the model and its optimiser (and the contrastive projection head).
 fn trainer_for(
     task: &Task,
@@ -651,6 +659,11 @@ fn trainer_for(
         lr: o.learning_rate,
         weight_decay: o.weight_decay,
         warmup_steps: o.warmup_steps,
+        decay_steps: if o.cosine {
+            steps_per_epoch(data, o) * o.epochs as u64
+        } else {
+            0
+        },
         threads: task.threads,
         ..TrainOpts::default()
     };
@@ -658,7 +671,9 @@ fn trainer_for(
     let mut trainer =
         crate::accel::stepper(cfg, params, data.scaler.zero_fill(), topts, task.device)?;
     if contrast > 0.0 && o.contrastive_head > 0 {
-        let head = ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?;
+        let head = ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?
+            .with_support(o.contrastive_support)
+            .with_debias(o.contrastive_debias)?;
         trainer.set_projection_head(Some(head))?;
     }
     Ok(trainer)
@@ -692,8 +707,7 @@ pub fn train(
         keep: o.keep(),
         depth: o.depth(),
     };
-    let steps_per_epoch =
-        ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64;
+    let steps_per_epoch = steps_per_epoch(&data, o);
     progress.notice(&start_line(
         &task,
         src,
@@ -829,8 +843,18 @@ fn start_line(
     let n_params = trainer.params().map(|p| p.num_parameters(cfg)).unwrap_or(0);
     let contrastive = if contrast > 0.0 {
         let head = if o.contrastive_head > 0 {
+            let mut support = match o.contrastive_support {
+                0 => String::new(),
+                n => format!("; positives: nearest neighbours among the last {n} projections"),
+            };
+            if o.contrastive_debias > 0.0 {
+                support += &format!(
+                    "; debiased for {} same-type negatives",
+                    o.contrastive_debias
+                );
+            }
             format!(
-                "{} → {} → {CONTRASTIVE_HEAD_OUT}",
+                "{} → {} → {CONTRASTIVE_HEAD_OUT}{support}",
                 cfg.embedding_len(),
                 o.contrastive_head
             )

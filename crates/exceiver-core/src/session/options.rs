@@ -35,7 +35,7 @@ pub struct Options {
     /// None: `reference` for a new model, the base model's mode otherwise.
     pub attention: Option<AttentionMode>,
     /// None: on for the small preset, off for the published shape.
-    pub value_embedding: Option<bool>,
+    pub value_embedding: Option<ValueEmbedding>,
     /// Standardise each gene's log1p values over the training cells (the published
     /// preprocessing). None: the preset's default for a new model.
     pub standardize: Option<bool>,
@@ -54,16 +54,25 @@ pub struct Options {
     pub contrastive_depth: Option<f64>,
     /// Hidden width of the contrastive term's projection head (0: none).
     pub contrastive_head: usize,
+    /// Rows of NNCLR's support set (0: positives are the cell's other view, NT-Xent);
+    /// needs the projection head ([`crate::train::ProjectionHead::with_support`]).
+    pub contrastive_support: usize,
+    /// Share of same-type negatives NT-Xent is debiased for (0: none); needs the
+    /// projection head ([`crate::train::ProjectionHead::with_debias`]).
+    pub contrastive_debias: f64,
     pub parent: Option<String>,
     pub progress_every: u64,
     /// Finetuning only: the fraction of labelled cells used (hash of cell_id).
     pub label_fraction: f64,
     /// Finetuning only: start from the base model's weights ("pretrained") or fresh ones ("random").
     pub init_random: bool,
+    /// After the warm-up: the learning rate stays (`"constant"`, false) or decays to 0
+    /// along a half cosine over the planned epochs (`"cosine"`, true).
+    pub cosine: bool,
 }
 
 /// Every option key, in the order the error hint lists them.
-pub const KEYS: [&str; 32] = [
+pub const KEYS: [&str; 35] = [
     "preset",
     "seq_dim",
     "query_len",
@@ -96,6 +105,9 @@ pub const KEYS: [&str; 32] = [
     "progress_every",
     "label_fraction",
     "init",
+    "lr_schedule",
+    "contrastive_support",
+    "contrastive_debias",
 ];
 
 /// Options that fix a new model's shape, vocabulary or scaler: refused where those come
@@ -114,12 +126,14 @@ const SHAPE_KEYS: [&str; 11] = [
     "standardize",
 ];
 
-const CONTRASTIVE_KEYS: [&str; 5] = [
+const CONTRASTIVE_KEYS: [&str; 7] = [
     "contrastive",
     "contrastive_temperature",
     "contrastive_keep",
     "contrastive_depth",
     "contrastive_head",
+    "contrastive_support",
+    "contrastive_debias",
 ];
 
 /// Weight of the contrastive term in the small preset. Masked value prediction on the
@@ -200,6 +214,42 @@ fn str_opt<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>> {
     }
 }
 
+/// Option `value_embedding`: how a gene token carries its value
+/// ([`Config::value_embedding`], [`Config::value_per_gene`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueEmbedding {
+    /// `false`: the published token, which keeps only the value's sign.
+    Off,
+    /// `true` or `"shared"`: one learned vector for every gene, times the value.
+    Shared,
+    /// `"per_gene"`: a learned vector per gene, times the value.
+    PerGene,
+}
+
+fn value_embedding_opt(m: &Map<String, Value>) -> Result<Option<ValueEmbedding>> {
+    let k = "value_embedding";
+    let Some(v) = m.get(k) else { return Ok(None) };
+    match (v.as_bool(), v.as_str()) {
+        (Some(false), _) => Ok(Some(ValueEmbedding::Off)),
+        (Some(true), _) | (_, Some("shared")) => Ok(Some(ValueEmbedding::Shared)),
+        (_, Some("per_gene")) => Ok(Some(ValueEmbedding::PerGene)),
+        _ => Err(bad(format!(
+            "option \"{k}\" must be true, false, \"shared\" or \"per_gene\", not {v}"
+        ))),
+    }
+}
+
+/// A string option with two values: false for `first` (the default), true for `second`.
+fn either(m: &Map<String, Value>, k: &str, first: &str, second: &str) -> Result<bool> {
+    match str_opt(m, k)?.unwrap_or(first) {
+        s if s == first => Ok(false),
+        s if s == second => Ok(true),
+        other => Err(bad(format!(
+            "option \"{k}\" must be \"{first}\" or \"{second}\", not \"{other}\""
+        ))),
+    }
+}
+
 fn bool_opt(m: &Map<String, Value>, k: &str) -> Result<Option<bool>> {
     let Some(v) = m.get(k) else { return Ok(None) };
     match v.as_bool() {
@@ -267,7 +317,7 @@ impl Options {
             n_top_genes: u("n_top_genes", 0, 1_000_000)?,
             max_cells: int_opt(m, "max_cells", 1, i64::MAX)?,
             attention,
-            value_embedding: bool_opt(m, "value_embedding")?,
+            value_embedding: value_embedding_opt(m)?,
             standardize: bool_opt(m, "standardize")?,
             contrastive: num_opt(m, "contrastive", 0.0, 1000.0)?,
             contrastive_temperature: num_opt(m, "contrastive_temperature", 0.001, 100.0)?
@@ -275,18 +325,13 @@ impl Options {
             contrastive_keep: num_opt(m, "contrastive_keep", 0.01, 1.0)?,
             contrastive_depth: num_opt(m, "contrastive_depth", 0.01, 1.0)?,
             contrastive_head: u("contrastive_head", 0, 65536)?.unwrap_or(CONTRASTIVE_HEAD),
+            contrastive_support: u("contrastive_support", 0, 65536)?.unwrap_or(0),
+            contrastive_debias: num_opt(m, "contrastive_debias", 0.0, 0.49)?.unwrap_or(0.0),
             parent: str_opt(m, "parent")?.map(str::to_string),
             progress_every: int_opt(m, "progress_every", 1, i64::MAX)?.unwrap_or(50) as u64,
             label_fraction: num_opt(m, "label_fraction", 1e-6, 1.0)?.unwrap_or(1.0),
-            init_random: match str_opt(m, "init")?.unwrap_or("pretrained") {
-                "pretrained" => false,
-                "random" => true,
-                other => {
-                    return Err(bad(format!(
-                        "option \"init\" must be \"pretrained\" or \"random\", not \"{other}\""
-                    )))
-                }
-            },
+            init_random: either(m, "init", "pretrained", "random")?,
+            cosine: either(m, "lr_schedule", "constant", "cosine")?,
             preset,
         })
     }
@@ -298,6 +343,18 @@ impl Options {
             return Err(bad("option \"frac\" = 0 is out of range 1e-9..1 for train: the model learns from masked genes (finetune accepts 0: the classifier alone)".to_string()));
         }
         o.apply_preset_defaults();
+        if o.contrastive_support > 0 && o.contrastive_head == 0 {
+            return Err(bad(format!(
+                "option \"contrastive_support\" = {} needs the projection head (\"contrastive_head\" > 0): the support set holds its projections",
+                o.contrastive_support
+            )));
+        }
+        if o.contrastive_debias > 0.0 && o.contrastive_head == 0 {
+            return Err(bad(format!(
+                "option \"contrastive_debias\" = {} needs the projection head (\"contrastive_head\" > 0)",
+                o.contrastive_debias
+            )));
+        }
         Ok(o)
     }
 
@@ -353,7 +410,7 @@ impl Options {
                 self.epochs = 10;
             }
             self.attention.get_or_insert(AttentionMode::ExpressedOnly);
-            self.value_embedding.get_or_insert(true);
+            self.value_embedding.get_or_insert(ValueEmbedding::Shared);
             self.n_top_genes.get_or_insert(SMALL_TOP_GENES);
             self.contrastive.get_or_insert(SMALL_CONTRASTIVE);
             self.contrastive_keep.get_or_insert(1.0);
@@ -430,7 +487,9 @@ impl Options {
             c.dim_feedforward = x;
         }
         c.attention = self.attention.unwrap_or(AttentionMode::Reference);
-        c.value_embedding = self.value_embedding.unwrap_or(false);
+        let ve = self.value_embedding.unwrap_or(ValueEmbedding::Off);
+        c.value_embedding = ve != ValueEmbedding::Off;
+        c.value_per_gene = ve == ValueEmbedding::PerGene;
         c.num_classes = None;
         if c.seq_dim != c.query_dim {
             return Err(bad(format!(
@@ -453,7 +512,10 @@ impl Options {
                "contrastive": contrastive, "contrastive_temperature": self.contrastive_temperature,
                "contrastive_keep": self.keep(), "contrastive_depth": self.depth(),
                "contrastive_head": if contrastive > 0.0 { self.contrastive_head } else { 0 },
-               "max_cells": self.max_cells, "parent": self.parent})
+               "contrastive_support": if contrastive > 0.0 { self.contrastive_support } else { 0 },
+               "contrastive_debias": if contrastive > 0.0 { self.contrastive_debias } else { 0.0 },
+               "max_cells": self.max_cells, "parent": self.parent,
+               "lr_schedule": if self.cosine { "cosine" } else { "constant" }})
     }
 }
 

@@ -72,6 +72,9 @@ pub struct TrainOpts {
     pub weight_decay: f64,
     /// Linear warm-up: step s (0-based) uses `lr·min(1, (s+1)/warmup_steps)`; 0 = none.
     pub warmup_steps: u64,
+    /// Cosine decay after the warm-up: from `lr` at step `warmup_steps` to 0 at step
+    /// `decay_steps` (the run's last); 0 = none (constant after the warm-up).
+    pub decay_steps: u64,
     /// Adam's β1, β2.
     pub betas: (f64, f64),
     /// Adam's ε.
@@ -86,6 +89,7 @@ impl Default for TrainOpts {
             lr: 3e-4,
             weight_decay: 1e-5,
             warmup_steps: 500,
+            decay_steps: 0,
             betas: (0.9, 0.999),
             eps: 1e-8,
             threads: 0,
@@ -119,13 +123,22 @@ impl TrainOpts {
         Ok(())
     }
 
-    /// Learning rate of step `step` (0-based) with the linear warm-up.
+    /// Learning rate of step `step` (0-based) with the linear warm-up and, with
+    /// `decay_steps`, the cosine decay after it.
     pub fn lr_at(&self, step: u64) -> f64 {
-        if self.warmup_steps == 0 {
-            self.lr
+        let warm = if self.warmup_steps == 0 {
+            1.0
         } else {
-            self.lr * ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
-        }
+            ((step + 1) as f64 / self.warmup_steps as f64).min(1.0)
+        };
+        let decay = if self.decay_steps > self.warmup_steps && step >= self.warmup_steps {
+            let span = (self.decay_steps - self.warmup_steps) as f64;
+            let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+            0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        } else {
+            1.0
+        };
+        self.lr * warm * decay
     }
 }
 
@@ -573,38 +586,34 @@ pub(crate) fn check_views(views: &[TrainCell]) -> Result<()> {
 /// `loss = 1/2B · Σ_i [ −s_i,p(i) + log Σ_{j≠i} exp(s_ij) ]`, p(i) the partner of i.
 /// Returns the loss and its gradient with respect to the (unnormalised) embeddings.
 pub fn nt_xent(emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
+    nt_xent_debiased(emb, dim, tau, 0.0)
+}
+
+/// NT-Xent debiased for negatives of the anchor's own class (Chuang et al. 2020,
+/// "Debiased Contrastive Learning"): with `tau_plus` the share of a random other cell
+/// that is of the anchor's type, the negatives' sum `Σ_neg exp(s_ij)` over the N = 2B − 2
+/// negatives is replaced by the estimate of its other-type part,
+/// `Ng = max((Σ_neg exp(s_ij) − tau_plus·N·exp(s_ip)) / (1 − tau_plus), N·exp(−1/tau))`,
+/// and `loss_i = log(exp(s_ip) + Ng) − s_ip`. `tau_plus` 0 is [`nt_xent`].
+pub fn nt_xent_debiased(
+    emb: &[f32],
+    dim: usize,
+    tau: f64,
+    tau_plus: f64,
+) -> Result<(f64, Vec<f32>)> {
+    if !(0.0..0.5).contains(&tau_plus) {
+        return Err(Error::invalid(format!(
+            "the debiasing share must be in [0, 0.5) (got {tau_plus})"
+        )));
+    }
     if dim == 0 || emb.len() % dim != 0 {
         return Err(Error::shape(format!(
             "{} embedding values are not a whole number of {dim}-float rows",
             emb.len()
         )));
     }
-    let m = emb.len() / dim;
-    if m < 4 || m % 2 != 0 {
-        return Err(Error::invalid(format!(
-            "NT-Xent needs an even number of embeddings, at least 4 (got {m})"
-        )));
-    }
-    if !(tau.is_finite() && tau > 0.0) {
-        return Err(Error::invalid(format!(
-            "the contrastive temperature must be a positive number (got {tau})"
-        )));
-    }
-    let norms: Vec<f64> = emb
-        .chunks(dim)
-        .map(|r| {
-            r.iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-12)
-        })
-        .collect();
-    let u: Vec<f64> = emb
-        .chunks(dim)
-        .zip(&norms)
-        .flat_map(|(r, &nr)| r.iter().map(move |&x| x as f64 / nr))
-        .collect();
+    let m = pairs_of_views("NT-Xent", emb.len() / dim, tau)?;
+    let (u, norms) = unit_rows(emb, dim);
     // similarities / tau, and the row softmax over j ≠ i
     let mut s = vec![0.0f64; m * m];
     for i in 0..m {
@@ -622,6 +631,7 @@ pub fn nt_xent(emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
     // c_ij = ∂loss/∂s_ij
     let mut c = vec![0.0f64; m * m];
     let scale = 1.0 / m as f64;
+    let n_neg = (m - 2) as f64;
     for i in 0..m {
         let p = i ^ 1;
         let row = &s[i * m..(i + 1) * m];
@@ -629,17 +639,32 @@ pub fn nt_xent(emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
             .filter(|&j| j != i)
             .map(|j| row[j])
             .fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = (0..m)
-            .filter(|&j| j != i)
+        let pos = (row[p] - mx).exp();
+        let negs: f64 = (0..m)
+            .filter(|&j| j != i && j != p)
             .map(|j| (row[j] - mx).exp())
             .sum();
-        loss += mx + z.ln() - row[p];
+        // Ng and its weights: ∂Ng/∂exp(s_ij) = w_neg, ∂Ng/∂exp(s_ip) = w_pos
+        let (ng, w_neg, w_pos) = if tau_plus == 0.0 {
+            (negs, 1.0, 0.0)
+        } else {
+            let raw = (negs - tau_plus * n_neg * pos) / (1.0 - tau_plus);
+            let floor = n_neg * (-1.0 / tau - mx).exp();
+            if raw > floor {
+                let w = 1.0 / (1.0 - tau_plus);
+                (raw, w, -tau_plus * n_neg * w)
+            } else {
+                (floor, 0.0, 0.0)
+            }
+        };
+        let den = pos + ng;
+        loss += mx + den.ln() - row[p];
         for j in 0..m {
-            if j != i {
-                c[i * m + j] = scale * ((row[j] - mx).exp() / z);
+            if j != i && j != p {
+                c[i * m + j] = scale * w_neg * (row[j] - mx).exp() / den;
             }
         }
-        c[i * m + p] -= scale;
+        c[i * m + p] = scale * ((1.0 + w_pos) * pos / den - 1.0);
     }
     loss *= scale;
     // ∂loss/∂u_i = Σ_j (c_ij + c_ji) u_j / tau; then through the normalisation
@@ -662,6 +687,104 @@ pub fn nt_xent(emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
         }
     }
     Ok((loss, grad))
+}
+
+/// `m` embeddings make pairs of views (an even number, at least 4) and `tau` is a
+/// temperature; returns `m`.
+fn pairs_of_views(loss: &str, m: usize, tau: f64) -> Result<usize> {
+    if m < 4 || !m.is_multiple_of(2) {
+        return Err(Error::invalid(format!(
+            "{loss} needs an even number of embeddings, at least 4 (got {m})"
+        )));
+    }
+    if !(tau.is_finite() && tau > 0.0) {
+        return Err(Error::invalid(format!(
+            "the contrastive temperature must be a positive number (got {tau})"
+        )));
+    }
+    Ok(m)
+}
+
+/// Unit-length rows of `emb` (f64) and their norms (at least 1e-12).
+fn unit_rows(emb: &[f32], dim: usize) -> (Vec<f64>, Vec<f64>) {
+    let norms: Vec<f64> = emb
+        .chunks(dim)
+        .map(|r| {
+            r.iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12)
+        })
+        .collect();
+    let u = emb
+        .chunks(dim)
+        .zip(&norms)
+        .flat_map(|(r, &nr)| r.iter().map(move |&x| x as f64 / nr))
+        .collect();
+    (u, norms)
+}
+
+/// NNCLR's loss (Dwibedi et al. 2021, "With a Little Help from My Friends"): NT-Xent
+/// where the anchor of each view is not the view itself but its nearest neighbour in
+/// `support`, unit rows of earlier batches' projections (constants: no gradient flows
+/// into them). For the `2B` rows paired as (2i, 2i+1), row r with neighbour `n_r`:
+/// `loss_r = −n_r·u_p(r)/tau + log Σ_k exp(n_r·u_k/tau)` over the B rows k of the
+/// other view (p(r) the partner of r), averaged over the 2B rows. Cells of one type
+/// are each other's neighbours, so the loss pulls a cell toward other cells like it
+/// rather than only toward another view of itself. Returns the loss and its gradient
+/// with respect to the (unnormalised) embeddings.
+pub fn nn_xent(emb: &[f32], dim: usize, tau: f64, support: &[f64]) -> Result<(f64, Vec<f32>)> {
+    if dim == 0
+        || !emb.len().is_multiple_of(dim)
+        || !support.len().is_multiple_of(dim)
+        || support.is_empty()
+    {
+        return Err(Error::shape(format!(
+            "{} embedding values and {} support values are not whole numbers of {dim}-float rows",
+            emb.len(),
+            support.len()
+        )));
+    }
+    let m = pairs_of_views("NNCLR", emb.len() / dim, tau)?;
+    let (u, norms) = unit_rows(emb, dim);
+    let dot = |a: &[f64], b: &[f64]| -> f64 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+    let mut gu = vec![0.0f64; m * dim];
+    let mut loss = 0.0;
+    let scale = 1.0 / m as f64;
+    let mut logits = vec![0.0f64; m / 2];
+    for r in 0..m {
+        let ur = &u[r * dim..(r + 1) * dim];
+        let nn = support
+            .chunks_exact(dim)
+            .max_by(|a, b| dot(ur, a).total_cmp(&dot(ur, b)))
+            .unwrap_or(ur);
+        // the other view's rows: k = 2j + (1 − r % 2)
+        let side = 1 - r % 2;
+        for (j, l) in logits.iter_mut().enumerate() {
+            let k = 2 * j + side;
+            *l = dot(nn, &u[k * dim..(k + 1) * dim]) / tau;
+        }
+        let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
+        loss += mx + z.ln() - logits[r / 2];
+        for (j, l) in logits.iter().enumerate() {
+            let k = 2 * j + side;
+            let w = scale * ((l - mx).exp() / z - if j == r / 2 { 1.0 } else { 0.0 }) / tau;
+            for (g, &x) in gu[k * dim..(k + 1) * dim].iter_mut().zip(nn) {
+                *g += w * x;
+            }
+        }
+    }
+    let mut grad = vec![0.0f32; m * dim];
+    for i in 0..m {
+        let (ui, gi) = (&u[i * dim..(i + 1) * dim], &gu[i * dim..(i + 1) * dim]);
+        let proj = dot(gi, ui);
+        for k in 0..dim {
+            grad[i * dim + k] = ((gi[k] - proj * ui[k]) / norms[i]) as f32;
+        }
+    }
+    Ok((loss * scale, grad))
 }
 
 /// Start a model trained from scratch with its value head predicting `mean_target`
@@ -791,19 +914,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nt_xent_gradient_matches_finite_differences() {
-        let (m, dim) = (6usize, 5usize);
-        let mut rng = Rng::new(3);
-        let emb: Vec<f32> = (0..m * dim).map(|_| rng.normal() as f32).collect();
-        let (loss, grad) = nt_xent(&emb, dim, 0.3).unwrap();
-        assert!(loss.is_finite() && loss > 0.0);
-        for k in 0..m * dim {
+    fn learning_rate_warms_up_then_follows_the_cosine() {
+        let o = TrainOpts {
+            lr: 1.0,
+            warmup_steps: 10,
+            ..TrainOpts::default()
+        };
+        assert_eq!(
+            (o.lr_at(0), o.lr_at(4), o.lr_at(9), o.lr_at(5000)),
+            (0.1, 0.5, 1.0, 1.0)
+        );
+        let c = TrainOpts {
+            decay_steps: 110,
+            ..o
+        };
+        assert_eq!((c.lr_at(4), c.lr_at(10)), (0.5, 1.0));
+        assert!(
+            (c.lr_at(60) - 0.5).abs() < 1e-12,
+            "half way: {}",
+            c.lr_at(60)
+        );
+        assert!(c.lr_at(109) > 0.0 && c.lr_at(109) < 1e-3);
+        assert_eq!((c.lr_at(110), c.lr_at(500)), (0.0, 0.0));
+        // a run shorter than its warm-up: no decay
+        let short = TrainOpts {
+            decay_steps: 5,
+            ..c
+        };
+        assert_eq!(short.lr_at(4), 0.5);
+    }
+
+    /// The analytic gradient of `loss` at `emb` against central finite differences of
+    /// every value (relative 2e-3); returns the loss there.
+    fn check_gradient(emb: &[f32], loss: impl Fn(&[f32]) -> Result<(f64, Vec<f32>)>) -> f64 {
+        let (l, grad) = loss(emb).unwrap();
+        assert!(l.is_finite());
+        for k in 0..emb.len() {
             let h = 1e-3f32;
-            let mut e = emb.clone();
+            let mut e = emb.to_vec();
             e[k] += h;
-            let up = nt_xent(&e, dim, 0.3).unwrap().0;
+            let up = loss(&e).unwrap().0;
             e[k] -= 2.0 * h;
-            let dn = nt_xent(&e, dim, 0.3).unwrap().0;
+            let dn = loss(&e).unwrap().0;
             let fd = (up - dn) / (2.0 * h as f64);
             assert!(
                 (fd - grad[k] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
@@ -811,6 +963,58 @@ mod tests {
                 grad[k]
             );
         }
+        l
+    }
+
+    #[test]
+    fn nn_xent_gradient_matches_finite_differences() {
+        let (m, dim) = (6usize, 5usize);
+        let mut rng = Rng::new(4);
+        let emb: Vec<f32> = (0..m * dim).map(|_| rng.normal() as f32).collect();
+        let raw: Vec<f32> = (0..7 * dim).map(|_| rng.normal() as f32).collect();
+        let (support, _) = unit_rows(&raw, dim);
+        // (a step could change a row's nearest neighbour, and the loss jump: not here)
+        let loss = check_gradient(&emb, |e| nn_xent(e, dim, 0.3, &support));
+        assert!(loss > 0.0);
+        // each row's anchor is its nearest support row: with the support set made of
+        // the batch's own other views, the loss is NT-Xent's cross-view form, minimal
+        // when every view is its partner
+        let mut e = vec![0.0f32; 4 * 4];
+        for i in 0..4 {
+            e[i * 4 + i / 2] = 1.0;
+        }
+        let (sup, _) = unit_rows(&e, 4);
+        let (l, g) = nn_xent(&e, 4, 0.1, &sup).unwrap();
+        let expect = (1.0f64 + (-10.0f64).exp()).ln();
+        assert!((l - expect).abs() < 1e-9, "{l} vs {expect}");
+        assert!(g.iter().all(|x| x.abs() < 1e-3));
+        assert!(nn_xent(&e, 4, 0.1, &[]).is_err());
+        assert!(nn_xent(&e[..12], 4, 0.1, &sup).is_err());
+        assert!(nn_xent(&e, 4, 0.0, &sup).is_err());
+    }
+
+    #[test]
+    fn debiased_nt_xent_gradient_matches_finite_differences() {
+        let (m, dim) = (8usize, 5usize);
+        let mut rng = Rng::new(6);
+        let emb: Vec<f32> = (0..m * dim).map(|_| rng.normal() as f32).collect();
+        let loss = check_gradient(&emb, |e| nt_xent_debiased(e, dim, 0.5, 0.1));
+        assert!(loss != nt_xent(&emb, dim, 0.5).unwrap().0);
+        // a share so large that the estimate falls below its floor: the floor, and no
+        // gradient through the negatives
+        let (l, _) = nt_xent_debiased(&emb, dim, 0.5, 0.49).unwrap();
+        assert!(l.is_finite());
+        assert!(nt_xent_debiased(&emb, dim, 0.5, 0.5).is_err());
+        assert!(nt_xent_debiased(&emb, dim, 0.5, -0.1).is_err());
+    }
+
+    #[test]
+    fn nt_xent_gradient_matches_finite_differences() {
+        let (m, dim) = (6usize, 5usize);
+        let mut rng = Rng::new(3);
+        let emb: Vec<f32> = (0..m * dim).map(|_| rng.normal() as f32).collect();
+        let loss = check_gradient(&emb, |e| nt_xent(e, dim, 0.3));
+        assert!(loss > 0.0);
         // identical partners, orthogonal pairs: the loss is at its minimum for tau
         let mut e = vec![0.0f32; 4 * 4];
         for i in 0..4 {
