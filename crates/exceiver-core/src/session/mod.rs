@@ -596,7 +596,7 @@ fn epoch(
             loss_sum += s.loss * n_cells as f64;
             loss_n += n_cells;
             progress.check()?;
-            if clock.step % o.progress_every == 0 {
+            if clock.step.is_multiple_of(o.progress_every) {
                 let el = clock.t0.elapsed().as_secs_f64();
                 progress.notice(&format!(
                     "step {}/{} (epoch {}): train loss {:.4}, {:.1} cells/s, about {:.0} s left",

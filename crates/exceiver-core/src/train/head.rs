@@ -120,7 +120,7 @@ impl ProjectionHead {
     }
 
     fn check(&self, emb: &[f32], dim: usize) -> Result<usize> {
-        if dim != self.dim_in || emb.len() % dim != 0 {
+        if dim != self.dim_in || !emb.len().is_multiple_of(dim) {
             return Err(Error::shape(format!(
                 "the projection head takes {}-float embeddings, got {} values of width {dim}",
                 self.dim_in,

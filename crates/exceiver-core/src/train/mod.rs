@@ -571,7 +571,7 @@ pub(crate) fn check_head(cfg: &Config, head: Option<&ProjectionHead>) -> Result<
 
 /// A contrastive batch: two views per cell, so an even number, and at least two cells.
 pub(crate) fn check_views(views: &[TrainCell]) -> Result<()> {
-    if views.len() < 4 || views.len() % 2 != 0 {
+    if views.len() < 4 || !views.len().is_multiple_of(2) {
         return Err(Error::invalid(format!(
             "a contrastive batch needs two views of each of at least 2 cells, an even number of views (got {})",
             views.len()
@@ -606,7 +606,7 @@ pub fn nt_xent_debiased(
             "the debiasing share must be in [0, 0.5) (got {tau_plus})"
         )));
     }
-    if dim == 0 || emb.len() % dim != 0 {
+    if dim == 0 || !emb.len().is_multiple_of(dim) {
         return Err(Error::shape(format!(
             "{} embedding values are not a whole number of {dim}-float rows",
             emb.len()
