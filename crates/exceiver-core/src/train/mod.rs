@@ -767,10 +767,15 @@ pub fn nn_xent(emb: &[f32], dim: usize, tau: f64, support: &[f64]) -> Result<(f6
     let mut logits = vec![0.0f64; m / 2];
     for r in 0..m {
         let ur = &u[r * dim..(r + 1) * dim];
-        let nn = support
-            .chunks_exact(dim)
-            .max_by(|a, b| dot(ur, a).total_cmp(&dot(ur, b)))
-            .unwrap_or(ur);
+        // one dot product per support row (the last of equal maxima, as max_by)
+        let mut nn = ur;
+        let mut best = f64::NEG_INFINITY;
+        for q in support.chunks_exact(dim) {
+            let sim = dot(ur, q);
+            if sim >= best {
+                (nn, best) = (q, sim);
+            }
+        }
         // the other view's rows: k = 2j + (1 − r % 2)
         let side = 1 - r % 2;
         for (j, l) in logits.iter_mut().enumerate() {
