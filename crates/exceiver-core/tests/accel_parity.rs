@@ -432,6 +432,7 @@ fn process_cfg(g: usize, d: usize, heads: usize, n: usize, ff: usize, layers: us
         attention: AttentionMode::Reference,
         value_embedding: false,
         value_per_gene: false,
+        profile: false,
     }
 }
 
@@ -462,6 +463,8 @@ fn random_models_match_the_cpu_model() {
                 // per gene for seed 3
                 value_embedding: seed % 2 == 1,
                 value_per_gene: seed == 3,
+                // seeds 2 and 3: the profile path (started non-zero so that it counts)
+                profile: seed == 2 || seed == 3,
             };
             let mut params = Params::init(&cfg, seed).unwrap();
             let mut rng = Rng::new(seed + 100);
@@ -470,6 +473,9 @@ fn random_models_match_the_cpu_model() {
                 for x in params.value_emb.iter_mut() {
                     *x = rng.normal() as f32;
                 }
+            }
+            for x in params.profile.iter_mut() {
+                *x = 0.1 * rng.normal() as f32;
             }
             let zf: Vec<f32> = (0..cfg.seq_len)
                 .map(|_| rng.uniform_range(-0.8, 1.2) as f32)

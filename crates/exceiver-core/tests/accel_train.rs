@@ -143,6 +143,7 @@ fn tiny(
         attention: mode,
         value_embedding: false,
         value_per_gene: false,
+        profile: false,
     }
 }
 
@@ -200,6 +201,15 @@ fn random_models_match_the_cpu_trainer() {
             value_per_gene: true,
             ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
         },
+        Config {
+            profile: true,
+            ..tiny(AttentionMode::Reference, 4, 2, 2, Some(3))
+        },
+        Config {
+            profile: true,
+            value_embedding: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
     ];
     for (s, cfg) in configs.into_iter().enumerate() {
         let seed = 10 + s as u64;
@@ -210,6 +220,10 @@ fn random_models_match_the_cpu_trainer() {
             for x in params.value_emb.iter_mut() {
                 *x = rng.normal() as f32;
             }
+        }
+        // the profile path starts at zero; give it weight so that its terms count
+        for x in params.profile.iter_mut() {
+            *x = 0.1 * rng.normal() as f32;
         }
         let zf: Vec<f32> = (0..cfg.seq_len)
             .map(|_| rng.uniform_range(-0.6, 0.9) as f32)
@@ -550,6 +564,10 @@ fn contrastive_steps_match_the_cpu_trainer() {
         Config {
             value_embedding: true,
             value_per_gene: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
+        Config {
+            profile: true,
             ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
         },
     ];

@@ -109,6 +109,7 @@ fn shapes() -> Vec<Config> {
         attention: AttentionMode::Reference,
         value_embedding: false,
         value_per_gene: false,
+        profile: false,
     };
     vec![
         base.clone(),
@@ -293,6 +294,46 @@ fn mask_tokens_match_dense() {
         vals[e] = 1.0;
     }
     compare(&model, &cell, Some(&tokens), &vals, "masked input");
+}
+
+/// The profile path (`Σ (v − zero fill)·P[g]` added to the encoder output), in both
+/// attention modes, with and without masked entries (which it leaves out).
+#[test]
+fn profile_path_matches_dense() {
+    let mut rng = Rng::new(44);
+    for (s, cfg) in shapes().into_iter().enumerate().take(2) {
+        for mode in [AttentionMode::Reference, AttentionMode::ExpressedOnly] {
+            let cfg = Config {
+                attention: mode,
+                profile: true,
+                ..cfg.clone()
+            };
+            let params = random_params(&cfg, 2000 + s as u64);
+            assert!(params.profile.iter().any(|&x| x != 0.0));
+            let zero_fill: Vec<f32> = (0..cfg.seq_len)
+                .map(|_| rng.uniform_range(-1.0, 1.5) as f32)
+                .collect();
+            let model = Exceiver::new(cfg.clone(), params, zero_fill).unwrap();
+            for nnz in [1usize, 17, 120] {
+                let cell = random_cell(&mut rng, cfg.seq_len, nnz);
+                let tag = format!("shape {s} {mode:?} profile (nnz {nnz})");
+                compare(&model, &cell, None, &cell.vals, &tag);
+                let mut tokens = cell.genes.clone();
+                let mut vals = cell.vals.clone();
+                for e in (0..nnz).step_by(4) {
+                    tokens[e] = cfg.seq_len as u32;
+                    vals[e] = 1.0;
+                }
+                compare(
+                    &model,
+                    &cell,
+                    Some(&tokens),
+                    &vals,
+                    &format!("{tag}, masked"),
+                );
+            }
+        }
+    }
 }
 
 /// The output depends only on the expressed genes (as a set) and the zero-fill

@@ -105,6 +105,33 @@ fn safetensors_round_trip() {
     shared.value_per_gene = false;
     let e = load_safetensors_with(&b, &shared).unwrap_err();
     assert!(e.message.contains("value_emb"), "{}", e.message);
+    // the profile path: profile_proj [G, N·d], zeros in a new model, kept through a
+    // round trip and found from the tensor's name
+    small.profile = true;
+    let mut p = Params::init(&small, 3).unwrap();
+    assert_eq!(p.profile.len(), 50 * small.embedding_len());
+    assert!(p.profile.iter().all(|&x| x == 0.0));
+    p.profile
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = i as f32 * 1e-3);
+    let b = save_safetensors(&small, &p, &[]).unwrap();
+    assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
+    let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+    let shapes = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    assert!(
+        exceiver_core::model::weights::infer_config(&shapes)
+            .unwrap()
+            .profile
+    );
+    let mut without = small.clone();
+    without.profile = false;
+    let e = load_safetensors_with(&b, &without).unwrap_err();
+    assert!(e.message.contains("profile_proj"), "{}", e.message);
 }
 
 /// The same weights always give the same bytes: the metadata (a HashMap inside the

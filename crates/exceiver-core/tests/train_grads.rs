@@ -162,6 +162,7 @@ fn tiny_config(mode: AttentionMode, heads: usize, d: usize, classes: Option<usiz
         attention: mode,
         value_embedding: false,
         value_per_gene: false,
+        profile: false,
     }
 }
 
@@ -224,6 +225,10 @@ fn finite_difference_check(cfg: Config, seed: u64) {
         for x in params.value_emb.iter_mut() {
             *x = rng.normal() as f32;
         }
+    }
+    // the profile path starts at zero; give it weight so that its terms count
+    for x in params.profile.iter_mut() {
+        *x = 0.1 * rng.normal() as f32;
     }
     let zf: Vec<f32> = (0..cfg.seq_len)
         .map(|_| rng.uniform_range(-0.5, 0.8) as f32)
@@ -353,6 +358,24 @@ fn finite_differences_value_embedding() {
     }
 }
 
+#[test]
+fn finite_differences_profile_path() {
+    // the encoder output plus Σ (v − zero fill)·P[g] over unmasked genes: P's rows get
+    // their genes' gradient, masked genes' rows none, and the rest of the model sees
+    // the sum through the process layers and the decoder
+    for (k, mode) in [AttentionMode::Reference, AttentionMode::ExpressedOnly]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = tiny_config(mode, 4, 4, None);
+        c.profile = true;
+        finite_difference_check(c.clone(), 21 + k as u64);
+        c.value_embedding = true;
+        c.num_classes = Some(3);
+        finite_difference_check(c, 23 + k as u64);
+    }
+}
+
 // ------------------------------------------------------------ training reduces the loss
 
 #[test]
@@ -372,6 +395,7 @@ fn adam_learns_a_synthetic_problem() {
         attention: AttentionMode::Reference,
         value_embedding: false,
         value_per_gene: false,
+        profile: false,
     };
     let mut rng = Rng::new(11);
     // two cell types with their own gene profiles

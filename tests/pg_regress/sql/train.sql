@@ -98,17 +98,19 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"lr_schedule": "linear"}'); \e
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_support": 64, "contrastive_head": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_debias": 0.1, "contrastive_head": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_debias": 0.5}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"profile_path": "yes"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "profile_path": true}'); \echo :SQLSTATE
 -- one value vector per gene ("per_gene"), a cosine learning-rate schedule,
--- nearest-neighbour positives and debiased negatives: recorded in the config and the
--- options; the model embeds
+-- nearest-neighbour positives, debiased negatives and the profile path: recorded in
+-- the config and the options; the model embeds
 SET client_min_messages = warning;
 SELECT model, epochs FROM exceiver.train('tiny_pg', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16,
   "num_layers": 1, "dim_feedforward": 32, "epochs": 2, "batch_size": 32, "min_cells": 20, "value_embedding": "per_gene",
-  "lr_schedule": "cosine", "contrastive_support": 64, "contrastive_debias": 0.1}');
+  "lr_schedule": "cosine", "contrastive_support": 64, "contrastive_debias": 0.1, "profile_path": true}');
 RESET client_min_messages;
 SELECT config->>'value_embedding' AS value_embedding, config->>'value_per_gene' AS per_gene,
        metrics->'options'->>'lr_schedule' AS lr_schedule, metrics->'options'->>'contrastive_support' AS support,
-       metrics->'options'->>'contrastive_debias' AS debias
+       metrics->'options'->>'contrastive_debias' AS debias, config->>'profile' AS profile
 FROM exceiver.model_catalog WHERE name = 'tiny_pg';
 SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny_pg', genes, counts))) AS dims
 FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 5) p;
@@ -129,7 +131,7 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_head": -1}'); \ec
 -- a projection head over a very wide embedding used to abort the backend
 SET client_min_messages = warning;
 SET exceiver.threads = 2;  -- the estimate counts per-thread buffers
-SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "query_len": 4096, "seq_dim": 1024, "query_dim": 1024, "contrastive_head": 65536}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "query_len": 4096, "seq_dim": 1024, "query_dim": 1024, "contrastive_head": 65536, "profile_path": false}'); \echo :SQLSTATE
 SET exceiver.max_memory = '64MB';
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "batch_size": 65536, "epochs": 1}'); \echo :SQLSTATE
 RESET exceiver.max_memory;

@@ -29,6 +29,8 @@ pub struct BatchOutput {
 /// [`DeviceModel::with_batch_elements`] elements. Results come back in input order.
 pub struct DeviceModel {
     cfg: Config,
+    /// The model input of a zero count per gene (the profile path's origin).
+    zero_fill: Vec<f32>,
     dev: Device,
     net: Net,
     /// encoder queries `[H, N, hd]`
@@ -91,6 +93,7 @@ impl DeviceModel {
         };
         Ok(DeviceModel {
             cfg,
+            zero_fill: zero_fill.to_vec(),
             dev: device.clone(),
             net,
             q,
@@ -323,7 +326,7 @@ impl DeviceModel {
                     masked: &[],
                 })
                 .collect();
-            let host = pack_cells(cfg, &refs);
+            let host = pack_cells(cfg, &self.zero_fill, &refs);
             let inp = EncIn::upload(&host, cfg, &self.dev, false).map_err(compute_err)?;
             f(&idx, &inp).map_err(compute_err)?;
         }

@@ -87,6 +87,8 @@ pub(crate) struct Net {
     /// [`Config::value_per_gene`]): `v·u` (`v·u[g]`) is added to each token after
     /// `layernorm_kv`.
     value_emb: Option<Tensor>,
+    /// `profile_proj` `[G, N·d]` with [`Config::profile`].
+    profile: Option<Tensor>,
 }
 
 /// The model-only terms of the reference attention (see the module docs).
@@ -112,6 +114,8 @@ pub(crate) struct EncIn {
     /// 1 for a cell with expressed genes, 0 for an empty one, `[B, 1, 1, 1]`; only
     /// when the batch has an empty cell (possible in the reference mode).
     nonempty: Option<Tensor>,
+    /// The profile path's input `[B, G]` ([`Config::profile`]).
+    profile: Option<Tensor>,
 }
 
 /// Host-side form of [`EncIn`] (see [`super::pack`]).
@@ -125,6 +129,8 @@ pub(crate) struct EncHost {
     pub(crate) expressed: Option<Vec<u8>>,
     /// 1 per cell with expressed genes, 0 per empty cell; `None` when none is empty.
     pub(crate) nonempty: Option<Vec<f32>>,
+    /// `v_g − zero_fill_g` of every unmasked gene, `[B·G]` ([`Config::profile`]).
+    pub(crate) profile: Option<Vec<f32>>,
 }
 
 /// Embedding rows to gather. For inference a plain `index_select`. For training the
@@ -222,6 +228,10 @@ impl EncIn {
             pad: Tensor::from_slice(&h.pad, (b, 1, l), dev)?,
             notexpr,
             nonempty,
+            profile: match &h.profile {
+                Some(p) => Some(Tensor::from_slice(p, (b, g), dev)?),
+                None => None,
+            },
         })
     }
 }
@@ -309,6 +319,11 @@ impl Net {
             },
             value_emb: if cfg.value_embedding {
                 Some(get(crate::model::weights::VALUE_EMB)?)
+            } else {
+                None
+            },
+            profile: if cfg.profile {
+                Some(get(crate::model::weights::PROFILE)?)
             } else {
                 None
             },
@@ -455,7 +470,11 @@ impl Net {
         }
         let o = a.broadcast_div(&z)?.transpose(1, 2)?.reshape((b, n, d))?;
         let lat = linear(&o, &enc.attn.out)?.broadcast_add(&self.query_emb)?;
-        cross_mlp(&lat, enc)
+        let out = cross_mlp(&lat, enc)?;
+        match (&self.profile, &x.profile) {
+            (Some(w), Some(p)) => out + p.matmul(w)?.reshape((b, n, d))?,
+            _ => Ok(out),
+        }
     }
 
     /// The process stack on `[B, N, d]`; returns the output of every layer when `all`,

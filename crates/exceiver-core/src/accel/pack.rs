@@ -129,8 +129,9 @@ pub(crate) struct CellRef<'a> {
 }
 
 /// Pad a batch's expressed genes to `[B, L]` (L at least 1). Padding entries use the
-/// mask token with value 0 and the logit bias `PAD`.
-pub(crate) fn pack_cells(cfg: &Config, cells: &[CellRef<'_>]) -> EncHost {
+/// mask token with value 0 and the logit bias `PAD`. With [`Config::profile`] also the
+/// profile path's input, `v_g − zero_fill_g` of each unmasked gene, dense `[B, G]`.
+pub(crate) fn pack_cells(cfg: &Config, zero_fill: &[f32], cells: &[CellRef<'_>]) -> EncHost {
     let g = cfg.seq_len;
     let b = cells.len();
     let l = cells
@@ -149,11 +150,20 @@ pub(crate) fn pack_cells(cfg: &Config, cells: &[CellRef<'_>]) -> EncHost {
     } else {
         None
     };
+    let mut profile = cfg.profile.then(|| vec![0.0f32; b * g]);
     for (c, cell) in cells.iter().enumerate() {
         let row = c * l;
         tok[row..row + cell.genes.len()].copy_from_slice(cell.genes);
         val[row..row + cell.values.len()].copy_from_slice(cell.values);
         pad[row..row + cell.genes.len()].fill(0.0);
+        if let Some(pr) = profile.as_mut() {
+            for (&gi, &v) in cell.genes.iter().zip(cell.values) {
+                pr[c * g + gi as usize] = v - zero_fill[gi as usize];
+            }
+            for &p in cell.masked {
+                pr[c * g + cell.genes[p] as usize] = 0.0;
+            }
+        }
         for &p in cell.masked {
             tok[row + p] = mask_row;
             val[row + p] = 1.0;
@@ -178,6 +188,7 @@ pub(crate) fn pack_cells(cfg: &Config, cells: &[CellRef<'_>]) -> EncHost {
         pad,
         expressed,
         nonempty,
+        profile,
     }
 }
 
@@ -256,7 +267,7 @@ mod tests {
                 masked: &[],
             },
         ];
-        let h = pack_cells(&cfg, &cells);
+        let h = pack_cells(&cfg, &vec![1.0; cfg.seq_len], &cells);
         assert_eq!((h.b, h.l), (2, 2));
         assert_eq!(h.tok, vec![3, 10, 1, 10]);
         assert_eq!(h.val, vec![0.5, 1.0, 4.0, 0.0]);

@@ -471,7 +471,7 @@ impl DeviceTrainer {
                 masked: &cells[i].mask,
             })
             .collect();
-        let host = pack_cells(cfg, &refs);
+        let host = pack_cells(cfg, &self.zero_fill, &refs);
         let inp = EncIn::upload(&host, cfg, dev, true)?;
         let enc = self.net.encode(cfg, q, zt, &inp)?;
         let lat = self

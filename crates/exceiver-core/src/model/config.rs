@@ -74,6 +74,14 @@ pub struct Config {
     /// gene the same direction.
     #[serde(default)]
     pub value_per_gene: bool,
+    /// A linear path from the whole expression profile into the latents: the encoder's
+    /// output gains `Σ_g (v_g − zero_fill_g) · profile_proj[g]` (`profile_proj`
+    /// `[G, N·d]`, one row per gene; masked genes left out). Attention averages its
+    /// values, so the latents see *which* genes a cell expresses but not how many of
+    /// a program's genes it expresses; this term adds them up, as PCA's projection
+    /// does. Not in the published model.
+    #[serde(default)]
+    pub profile: bool,
 }
 
 impl Config {
@@ -94,6 +102,7 @@ impl Config {
             attention: AttentionMode::Reference,
             value_embedding: false,
             value_per_gene: false,
+            profile: false,
         }
     }
 
@@ -129,6 +138,7 @@ impl Config {
             attention: AttentionMode::Reference,
             value_embedding: false,
             value_per_gene: false,
+            profile: false,
         }
     }
 
@@ -169,6 +179,11 @@ impl Config {
         (self.emb_rows() + self.value_rows()) as u128 * d
             + self.query_len as u128 * d
             + blocks * (2 * ff * d + 4 * d * d + ff + 8 * d)
+            + if self.profile {
+                self.seq_len as u128 * self.embedding_len() as u128
+            } else {
+                0
+            }
     }
 
     /// Check that the numbers make a model: positive sizes, widths divisible by the
@@ -291,6 +306,7 @@ impl Config {
             attention: AttentionMode::Reference,
             value_embedding: false,
             value_per_gene: false,
+            profile: false,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -705,6 +705,16 @@ impl Exceiver {
             }
             nn::cross_mlp(enc, xi, tmp);
         }
+        if self.cfg.profile {
+            add_profile(
+                &self.params.profile,
+                &self.zero_fill,
+                genes,
+                tokens,
+                values,
+                &mut x[..n * d],
+            );
+        }
         Ok(())
     }
 
@@ -923,6 +933,33 @@ impl Exceiver {
 /// Structure-of-arrays affine map: `out[r·stride + i] = scale·(b[r] + Σ_c w[r·d_in + c]·x[c·n + i])`
 /// for r < b.len(), i < n.
 #[allow(clippy::too_many_arguments)]
+/// The profile path ([`Config::profile`]): `out += Σ_e (values[e] − zero_fill[g_e]) ·
+/// table[g_e]` over the entries whose token is their gene (a masked gene, fed as the
+/// mask token, is left out); `table` is `[G, out.len()]`.
+pub(crate) fn add_profile(
+    table: &[f32],
+    zero_fill: &[f32],
+    genes: &[u32],
+    tokens: Option<&[u32]>,
+    values: &[f32],
+    out: &mut [f32],
+) {
+    let w = out.len();
+    for (e, &g) in genes.iter().enumerate() {
+        if tokens.is_some_and(|t| t[e] != g) {
+            continue;
+        }
+        let g = g as usize;
+        let x = values[e] - zero_fill[g];
+        if x == 0.0 {
+            continue;
+        }
+        for (o, &t) in out.iter_mut().zip(&table[g * w..(g + 1) * w]) {
+            *o += x * t;
+        }
+    }
+}
+
 fn soa_affine(
     w: &[f32],
     b: &[f32],

@@ -84,10 +84,17 @@ pub struct Params {
     /// to each gene token after the encoder's `layernorm_kv`, times the token's value;
     /// `[emb_rows, d]` with [`Config::value_per_gene`], row g for gene g's tokens.
     pub value_emb: Vec<f32>,
+    /// `profile_proj`, `[G, N·d]`, with [`Config::profile`] only (else empty): row g
+    /// times gene g's value above its zero fill, summed over the cell's unmasked
+    /// genes, is added to the encoder's output.
+    pub profile: Vec<f32>,
 }
 
 /// Name of the value embedding tensor (not in the published checkpoints).
 pub const VALUE_EMB: &str = "value_emb";
+
+/// Name of the profile path's tensor (not in the published checkpoints).
+pub const PROFILE: &str = "profile_proj";
 
 /// Prefix of the unused template layer that the reference's `ProcessSelfAttn` keeps
 /// registered (deep-copied into `transformer.layers.*`, never used in `forward`).
@@ -155,6 +162,9 @@ macro_rules! visit_params {
             f(VALUE_EMB.to_string(), vec![cfg.emb_rows(), d], & $($m)? p.value_emb)?;
         } else if cfg.value_embedding {
             f(VALUE_EMB.to_string(), vec![d], & $($m)? p.value_emb)?;
+        }
+        if cfg.profile {
+            f(PROFILE.to_string(), vec![cfg.seq_len, cfg.embedding_len()], & $($m)? p.profile)?;
         }
         Ok::<(), Error>(())
     }};
@@ -227,6 +237,14 @@ impl Params {
             value_head: head(d, 1),
             class_head: cfg.num_classes.map(|c| head(d, c)),
             value_emb: vec![0.0; cfg.value_rows() * d],
+            profile: vec![
+                0.0;
+                if cfg.profile {
+                    cfg.seq_len * cfg.embedding_len()
+                } else {
+                    0
+                }
+            ],
         }
     }
 
@@ -240,7 +258,9 @@ impl Params {
         let mut rng = Rng::new(seed);
         let d = cfg.seq_dim;
         p.visit_mut(cfg, |name, shape, v| {
-            if name == "gene_emb.weight" || name == "query_emb" || name == VALUE_EMB {
+            if name == PROFILE {
+                // zeros: a new model starts as it would without the path
+            } else if name == "gene_emb.weight" || name == "query_emb" || name == VALUE_EMB {
                 for x in v.iter_mut() {
                     *x = rng.normal() as f32;
                 }
@@ -464,6 +484,7 @@ pub fn infer_config(shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
         attention: Default::default(),
         value_embedding: shapes.contains_key(VALUE_EMB),
         value_per_gene: shapes.get(VALUE_EMB).is_some_and(|s| s.len() == 2),
+        profile: shapes.contains_key(PROFILE),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -598,6 +619,15 @@ pub fn load_safetensors_with(bytes: &[u8], cfg: &Config) -> Result<Params> {
 }
 
 fn params_from_safetensors(st: &safetensors::SafeTensors<'_>, cfg: &Config) -> Result<Params> {
+    // a tensor of this crate's extensions that the config does not use would be
+    // dropped silently, and the model would compute something else
+    for (name, used) in [(VALUE_EMB, cfg.value_embedding), (PROFILE, cfg.profile)] {
+        if !used && st.tensor(name).is_ok() {
+            return Err(Error::shape(format!(
+                "the weights have tensor \"{name}\", which the model's config does not use"
+            )));
+        }
+    }
     Params::from_named(cfg, |name, _| {
         let v = match st.tensor(name) {
             Ok(v) => v,

@@ -169,6 +169,7 @@ pub fn classifier_start(
         // encoder token) keeps its initial value
         let nv = b.value_emb.len().min(params.value_emb.len());
         params.value_emb[..nv].copy_from_slice(&b.value_emb[..nv]);
+        params.profile = b.profile.clone();
     }
     Ok(Start {
         cfg,
@@ -919,6 +920,33 @@ mod tests {
             total: 341.0, // 100 reads on genes outside the vocabulary
             label: Some("x".into()),
         }
+    }
+
+    /// A classifier from a pretrained base keeps the base's profile path (and starts
+    /// it at zero from random weights).
+    #[test]
+    fn classifier_start_keeps_the_profile_path() {
+        let mut cfg = Config::small(6);
+        cfg.seq_dim = 8;
+        cfg.query_dim = 8;
+        cfg.profile = true;
+        let mut params = Params::init(&cfg, 1).unwrap();
+        params
+            .profile
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = i as f32);
+        let base = Start {
+            cfg,
+            params,
+            genes: (0..6).map(|g| format!("g{g}")).collect(),
+            scaler: Scaler::new(vec![0.0; 6], vec![1.0; 6]).unwrap(),
+        };
+        let c = classifier_start(&base, 3, None, 2, false).unwrap();
+        assert!(c.cfg.profile);
+        assert_eq!(c.params.profile, base.params.profile);
+        let r = classifier_start(&base, 3, None, 2, true).unwrap();
+        assert!(r.params.profile.iter().all(|&x| x == 0.0));
     }
 
     #[test]

@@ -238,6 +238,20 @@ pub fn dense_forward(
         &keep,
         value_term,
     );
+    if cfg.profile {
+        // Σ over the cell's unmasked genes of (v − zero fill) · profile_proj[g]
+        let nd = n * d;
+        for (e, (&gi, &v)) in genes.iter().zip(values).enumerate() {
+            let gi = gi as usize;
+            if tokens.is_some_and(|t| t[e] as usize != gi) {
+                continue;
+            }
+            let w = v as f64 - zero_fill[gi] as f64;
+            for (k, &t) in params.profile[gi * nd..(gi + 1) * nd].iter().enumerate() {
+                x[k / d][k % d] += w * t as f64;
+            }
+        }
+    }
     let enc_latent = flat(&x);
     let mut layers = Vec::new();
     let zero_bias = vec![0.0; n];

@@ -9,6 +9,7 @@ use super::blocks::{add_value_term, mlp_bwd, mlp_fwd, value_term_bwd};
 use super::state::{Acc, Shared, ThreadState, Ws};
 use super::{add_into, threads_or_all};
 use crate::error::{Error, Result};
+use crate::model::forward::add_profile;
 use crate::model::kernels::LANES;
 use crate::train::kernels::TrainKernels;
 use crate::train::ops::{
@@ -219,6 +220,10 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws) {
     add_into(lat, &p.query_emb);
     let xl = buf(&mut ws.xl, n * d);
     mlp_fwd(enc, lat, d, &mut ws.e_mlp, xl);
+    if sh.cfg.profile {
+        let tok = &ws.tok[..nnz];
+        add_profile(&p.profile, sh.zf, &cell.genes, Some(tok), &cell.values, xl);
+    }
 }
 
 /// Backward of [`forward`] from `∂ encoder output` in `ws.gt2`; the per-cell part of
@@ -234,6 +239,18 @@ pub(super) fn backward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc
     let ew = &enc.attn.in_proj_weight;
     let gr = &mut acc.grads;
     let dxo = &ws.gt2[..n * d];
+    if sh.cfg.profile {
+        // ∂ profile_proj[g] += (v_g − zero_fill_g) · ∂ encoder output, unmasked genes
+        let nd = n * d;
+        for (e, &g) in cell.genes.iter().enumerate() {
+            if ws.tok[e] != g {
+                continue;
+            }
+            let x = cell.values[e] - sh.zf[g as usize];
+            let row = &mut gr.profile[g as usize * nd..(g as usize + 1) * nd];
+            row.iter_mut().zip(dxo).for_each(|(r, &dy)| *r += x * dy);
+        }
+    }
     let dlat = zeroed(&mut ws.gt1, n * d);
     mlp_bwd(
         enc,
