@@ -384,6 +384,7 @@ fn finetune(
         opts.attention,
         opts.seed,
         opts.init_random,
+        opts.class_embedding(),
     )
     .or_raise();
     let n_classes = labels.len() as i32;

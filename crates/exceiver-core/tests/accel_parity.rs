@@ -433,6 +433,7 @@ fn process_cfg(g: usize, d: usize, heads: usize, n: usize, ff: usize, layers: us
         value_embedding: false,
         value_per_gene: false,
         profile: false,
+        class_embedding: false,
     }
 }
 
@@ -465,6 +466,8 @@ fn random_models_match_the_cpu_model() {
                 value_per_gene: seed == 3,
                 // seeds 2 and 3: the profile path (started non-zero so that it counts)
                 profile: seed == 2 || seed == 3,
+                // seed 4: the class head reads the embedding
+                class_embedding: seed == 4,
             };
             let mut params = Params::init(&cfg, seed).unwrap();
             let mut rng = Rng::new(seed + 100);
@@ -575,4 +578,36 @@ fn bad_input_is_an_error() {
     assert!(DeviceModel::new(c3, &params, &inp.zero_fill, &dev).is_err());
     // no cells: no work
     assert!(m.embed_batch(&[]).unwrap().is_empty());
+}
+
+/// A class head on the cell embedding (`class_embedding`): the device model's logits,
+/// from `classify_logits_batch` and from `forward_batch` with and without query genes,
+/// agree with `Exceiver::classify_logits`.
+#[test]
+fn class_head_on_the_embedding_matches_the_cpu_model() {
+    let inp = inputs();
+    let cells: Vec<(&[u32], &[f32])> = (0..4).map(|c| inp.cell(c * 5)).collect();
+    let (mut cfg, mut params) = weights("pretrained_TS_exceiver_classifier.safetensors");
+    cfg.class_embedding = true;
+    params.class_head = Params::init(&cfg, 7).unwrap().class_head;
+    let cpu = Exceiver::new(cfg.clone(), params, inp.zero_fill.clone()).unwrap();
+    let dm = DeviceModel::from_exceiver(&cpu, &Device::Cpu).unwrap();
+    let nc = cfg.num_classes.unwrap();
+    let want: Vec<Vec<f32>> = cells
+        .iter()
+        .map(|(g, v)| cpu.classify_logits(g, v).unwrap())
+        .collect();
+    let batch = dm.classify_logits_batch(&cells).unwrap();
+    let no_queries: Vec<&[u32]> = vec![&[]; cells.len()];
+    let queries: Vec<&[u32]> = cells.iter().map(|c| &c.0[..2]).collect();
+    for qs in [&no_queries, &queries] {
+        let o = dm.forward_batch(&cells, qs).unwrap();
+        let l = o.class_logits.unwrap();
+        for (k, w) in want.iter().enumerate() {
+            let r = rel32(&batch[k * nc..(k + 1) * nc], w);
+            assert!(r <= 5e-5, "classify_logits_batch cell {k}: {r:.3e}");
+            let r = rel32(&l[k * nc..(k + 1) * nc], w);
+            assert!(r <= 5e-5, "forward_batch cell {k}: {r:.3e}");
+        }
+    }
 }

@@ -144,6 +144,7 @@ fn tiny(
         value_embedding: false,
         value_per_gene: false,
         profile: false,
+        class_embedding: false,
     }
 }
 
@@ -209,6 +210,15 @@ fn random_models_match_the_cpu_trainer() {
             profile: true,
             value_embedding: true,
             ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, None)
+        },
+        Config {
+            class_embedding: true,
+            ..tiny(AttentionMode::Reference, 4, 2, 2, Some(3))
+        },
+        Config {
+            class_embedding: true,
+            profile: true,
+            ..tiny(AttentionMode::ExpressedOnly, 8, 2, 4, Some(4))
         },
     ];
     for (s, cfg) in configs.into_iter().enumerate() {

@@ -110,6 +110,7 @@ fn shapes() -> Vec<Config> {
         value_embedding: false,
         value_per_gene: false,
         profile: false,
+        class_embedding: false,
     };
     vec![
         base.clone(),

@@ -163,6 +163,7 @@ fn tiny_config(mode: AttentionMode, heads: usize, d: usize, classes: Option<usiz
         value_embedding: false,
         value_per_gene: false,
         profile: false,
+        class_embedding: false,
     }
 }
 
@@ -376,6 +377,22 @@ fn finite_differences_profile_path() {
     }
 }
 
+#[test]
+fn finite_differences_class_head_on_the_embedding() {
+    // the class head reads the processed latent (N·d) instead of a class token's
+    // decoder row: its gradient enters the embedding beside the decoder's
+    for (k, mode) in [AttentionMode::Reference, AttentionMode::ExpressedOnly]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = tiny_config(mode, 2, 4, Some(3));
+        c.class_embedding = true;
+        finite_difference_check(c.clone(), 31 + k as u64);
+        c.profile = true;
+        finite_difference_check(c, 33 + k as u64);
+    }
+}
+
 // ------------------------------------------------------------ training reduces the loss
 
 #[test]
@@ -396,6 +413,7 @@ fn adam_learns_a_synthetic_problem() {
         value_embedding: false,
         value_per_gene: false,
         profile: false,
+        class_embedding: false,
     };
     let mut rng = Rng::new(11);
     // two cell types with their own gene profiles

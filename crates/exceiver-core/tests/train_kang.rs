@@ -49,9 +49,10 @@ fn run(opts: Value, labels: Option<&str>, start: Option<Start>) -> (Trained, Vec
         l
     });
     let start = match (&classes, start) {
-        (Some(l), Some(base)) => {
-            Some(session::classifier_start(&base, l.len(), None, o.seed, false).unwrap())
-        }
+        (Some(l), Some(base)) => Some(
+            session::classifier_start(&base, l.len(), None, o.seed, false, o.class_embedding())
+                .unwrap(),
+        ),
         (_, s) => s,
     };
     let task = Task {

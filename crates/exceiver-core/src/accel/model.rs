@@ -225,7 +225,15 @@ impl DeviceModel {
             let lat = self.latent(inp)?;
             scatter(&lat, idx, nd, &mut embedding)?;
             let lists: Vec<Vec<u32>> = idx.iter().map(|&i| queries[i].to_vec()).collect();
-            let (rows, qm) = pack_queries(&self.cfg, &lists, classes.is_some());
+            let token = classes.is_some() && !self.cfg.class_embedding;
+            let (rows, qm) = pack_queries(&self.cfg, &lists, token);
+            if qm == 0 && !token {
+                // nothing queries the decoder
+                if let (Some(c), Some(out)) = (classes, logits.as_mut()) {
+                    self.class_logits(&lat.flatten_from(1)?, idx, c, out)?;
+                }
+                return Ok(());
+            }
             let rows_t = self.row_ids(&rows)?;
             let dec = self.net.decode(&self.cfg, &lat, &rows_t)?;
             if qm > 0 {
@@ -239,7 +247,12 @@ impl DeviceModel {
                 }
             }
             if let (Some(c), Some(out)) = (classes, logits.as_mut()) {
-                self.class_logits(&dec.narrow(1, qm, 1)?.squeeze(1)?, idx, c, out)?;
+                let row = if token {
+                    dec.narrow(1, qm, 1)?.squeeze(1)?
+                } else {
+                    lat.flatten_from(1)?
+                };
+                self.class_logits(&row, idx, c, out)?;
             }
             Ok(())
         })?;
@@ -262,6 +275,9 @@ impl DeviceModel {
         let class_row = self.cfg.seq_len as u32 + 1;
         self.for_chunks(cells, 1, |idx, inp| {
             let lat = self.latent(inp)?;
+            if self.cfg.class_embedding {
+                return self.class_logits(&lat.flatten_from(1)?, idx, c, &mut out);
+            }
             let rows = self.row_ids(&vec![class_row; idx.len()])?;
             let dec = self.net.decode(&self.cfg, &lat, &rows)?;
             self.class_logits(&dec.squeeze(1)?, idx, c, &mut out)

@@ -572,7 +572,8 @@ impl Net {
         head(x, &self.vhead)?.squeeze(2)
     }
 
-    /// Class head on `[B, d]` → `[B, C]` (classifiers only).
+    /// Class head on `[B, d]` (the class token's decoder row) or `[B, N·d]` (the embedding,
+    /// `class_embedding`) → `[B, C]` (classifiers only).
     pub(crate) fn class_head(&self, x: &Tensor) -> Result<Option<Tensor>> {
         match &self.chead {
             Some(hp) => Ok(Some(head(x, hp)?)),

@@ -503,12 +503,19 @@ impl DeviceTrainer {
             .iter()
             .map(|&i| cells[i].mask.iter().map(|&p| cells[i].genes[p]).collect())
             .collect();
-        let (rows, qm) = pack_queries(cfg, &lists, classes.is_some());
+        // the class token is a decoder row unless the class head reads the embedding
+        let token = classes.is_some() && !cfg.class_embedding;
+        let (rows, qm) = pack_queries(cfg, &lists, token);
         let b = idx.len();
-        let width = qm + usize::from(classes.is_some());
+        let width = qm + usize::from(token);
         debug_assert_eq!(rows.len(), b * width);
-        let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
-        let dec = self.net.decode(cfg, &lat, &rows)?;
+        let dec = if width > 0 {
+            let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
+            self.net.decode(cfg, &lat, &rows)?
+        } else {
+            // nothing queries the decoder (a class head on the embedding, no masked gene)
+            lat.clone()
+        };
         let (mut sse, mut ce) = (0.0f64, 0.0f64);
         if qm > 0 && masked > 0 {
             let mut target = vec![0.0f32; b * qm];
@@ -533,7 +540,11 @@ impl DeviceTrainer {
             }
         }
         if let Some(nc) = classes {
-            let row = dec.narrow(1, qm, 1)?.squeeze(1)?;
+            let row = if token {
+                dec.narrow(1, qm, 1)?.squeeze(1)?
+            } else {
+                lat.flatten_from(1)?
+            };
             if let Some(logits) = self.net.class_head(&row)? {
                 let mut onehot = vec![0.0f32; b * nc];
                 for (j, &i) in idx.iter().enumerate() {

@@ -82,6 +82,11 @@ pub struct Config {
     /// does. Not in the published model.
     #[serde(default)]
     pub profile: bool,
+    /// A classifier's head reads the cell embedding (the processed latent, N·d floats)
+    /// instead of a class token queried through the decoder (one attention-weighted
+    /// average of the latents, d floats). Not in the published classifier.
+    #[serde(default)]
+    pub class_embedding: bool,
 }
 
 impl Config {
@@ -103,6 +108,7 @@ impl Config {
             value_embedding: false,
             value_per_gene: false,
             profile: false,
+            class_embedding: false,
         }
     }
 
@@ -139,6 +145,7 @@ impl Config {
             value_embedding: false,
             value_per_gene: false,
             profile: false,
+            class_embedding: false,
         }
     }
 
@@ -156,6 +163,16 @@ impl Config {
     /// Length of the cell embedding (the processed latent flattened): N * d.
     pub fn embedding_len(&self) -> usize {
         self.query_len * self.query_dim
+    }
+
+    /// Width of a classifier head's input: the cell embedding ([`Config::embedding_len`])
+    /// when `class_embedding`, otherwise the decoder's class-token row (d).
+    pub fn class_in(&self) -> usize {
+        if self.class_embedding {
+            self.embedding_len()
+        } else {
+            self.seq_dim
+        }
     }
 
     /// Rows of `value_emb`: 0 without a value embedding, 1 shared, or one per
@@ -307,6 +324,7 @@ impl Config {
             value_embedding: false,
             value_per_gene: false,
             profile: false,
+            class_embedding: false,
         };
         cfg.validate()?;
         Ok(cfg)

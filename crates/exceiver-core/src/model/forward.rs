@@ -441,12 +441,15 @@ impl Exceiver {
             let embedding = ws.x[..nd].to_vec();
             let mut rows: Vec<u32> = query_ids.to_vec();
             let class = with_class && self.params.class_head.is_some();
-            if class {
+            // the class token is a decoder row unless the head reads the embedding
+            let class_row = class && !self.cfg.class_embedding;
+            if class_row {
                 rows.push((g + 1) as u32);
             }
             let mut dec = vec![0.0; rows.len() * d];
             self.run_decoder(ws, &rows, &mut dec);
-            let mut tmp = vec![0.0; d + self.cfg.num_classes.unwrap_or(1).max(1)];
+            let mut tmp =
+                vec![0.0; self.cfg.class_in().max(d) + self.cfg.num_classes.unwrap_or(1).max(1)];
             let mut pred = vec![0.0; query_ids.len()];
             for (qi, p) in pred.iter_mut().enumerate() {
                 let mut o = [0.0f32];
@@ -462,7 +465,12 @@ impl Exceiver {
                 (Some(h), true) => {
                     let mut o = vec![0.0; h.linear2.out_dim];
                     let r = query_ids.len();
-                    nn::head(h, &dec[r * d..(r + 1) * d], &mut o, &mut tmp);
+                    let input = if class_row {
+                        &dec[r * d..(r + 1) * d]
+                    } else {
+                        &embedding[..]
+                    };
+                    nn::head(h, input, &mut o, &mut tmp);
                     Some(o)
                 }
                 _ => None,
@@ -930,9 +938,6 @@ impl Exceiver {
     }
 }
 
-/// Structure-of-arrays affine map: `out[r·stride + i] = scale·(b[r] + Σ_c w[r·d_in + c]·x[c·n + i])`
-/// for r < b.len(), i < n.
-#[allow(clippy::too_many_arguments)]
 /// The profile path ([`Config::profile`]): `out += Σ_e (values[e] − zero_fill[g_e]) ·
 /// table[g_e]` over the entries whose token is their gene (a masked gene, fed as the
 /// mask token, is left out); `table` is `[G, out.len()]`.
@@ -960,6 +965,9 @@ pub(crate) fn add_profile(
     }
 }
 
+/// Structure-of-arrays affine map: `out[r·stride + i] = scale·(b[r] + Σ_c w[r·d_in + c]·x[c·n + i])`
+/// for r < b.len(), i < n.
+#[allow(clippy::too_many_arguments)]
 fn soa_affine(
     w: &[f32],
     b: &[f32],

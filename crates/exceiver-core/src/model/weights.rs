@@ -59,7 +59,8 @@ pub struct LayerParams {
 }
 
 /// An output head `[LN (.0), Linear (.1), GELU, Linear (.3)]`: the value head `mlp`
-/// (d → 1 → 1) or the class head `mlp_classify` (d → C → C).
+/// (d → 1 → 1) or the class head `mlp_classify` (d → C → C; N·d → C → C when the
+/// head reads the cell embedding).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadParams {
     pub norm: LayerNorm,
@@ -151,9 +152,10 @@ macro_rules! visit_params {
         f("mlp.3.weight".to_string(), vec![1, 1], & $($m)? vh.linear2.weight)?;
         f("mlp.3.bias".to_string(), vec![1], & $($m)? vh.linear2.bias)?;
         if let (Some(c), Some(ch)) = (cfg.num_classes, & $($m)? p.class_head) {
-            f("mlp_classify.0.weight".to_string(), vec![d], & $($m)? ch.norm.weight)?;
-            f("mlp_classify.0.bias".to_string(), vec![d], & $($m)? ch.norm.bias)?;
-            f("mlp_classify.1.weight".to_string(), vec![c, d], & $($m)? ch.linear1.weight)?;
+            let ci = cfg.class_in();
+            f("mlp_classify.0.weight".to_string(), vec![ci], & $($m)? ch.norm.weight)?;
+            f("mlp_classify.0.bias".to_string(), vec![ci], & $($m)? ch.norm.bias)?;
+            f("mlp_classify.1.weight".to_string(), vec![c, ci], & $($m)? ch.linear1.weight)?;
             f("mlp_classify.1.bias".to_string(), vec![c], & $($m)? ch.linear1.bias)?;
             f("mlp_classify.3.weight".to_string(), vec![c, c], & $($m)? ch.linear2.weight)?;
             f("mlp_classify.3.bias".to_string(), vec![c], & $($m)? ch.linear2.bias)?;
@@ -235,7 +237,7 @@ impl Params {
                 .collect(),
             decoder: cross(d),
             value_head: head(d, 1),
-            class_head: cfg.num_classes.map(|c| head(d, c)),
+            class_head: cfg.num_classes.map(|c| head(cfg.class_in(), c)),
             value_emb: vec![0.0; cfg.value_rows() * d],
             profile: vec![
                 0.0;
@@ -413,6 +415,8 @@ fn linear_fan_in(cfg: &Config, bias_name: &str) -> usize {
         1
     } else if bias_name == "mlp_classify.3.bias" {
         cfg.num_classes.unwrap_or(1)
+    } else if bias_name == "mlp_classify.1.bias" {
+        cfg.class_in()
     } else {
         cfg.seq_dim
     }
@@ -485,6 +489,10 @@ pub fn infer_config(shapes: &HashMap<String, Vec<usize>>) -> Result<Config> {
         value_embedding: shapes.contains_key(VALUE_EMB),
         value_per_gene: shapes.get(VALUE_EMB).is_some_and(|s| s.len() == 2),
         profile: shapes.contains_key(PROFILE),
+        // a head as wide as the embedding reads it (when that differs from d)
+        class_embedding: shapes
+            .get("mlp_classify.1.weight")
+            .is_some_and(|s| s.get(1) == Some(&(q[0] * q[1])) && q[0] * q[1] != d),
     };
     cfg.validate()?;
     Ok(cfg)

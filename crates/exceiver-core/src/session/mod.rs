@@ -137,18 +137,21 @@ pub struct Trained {
     pub cells_per_s: f64,
 }
 
-/// A classifier to finetune from `base` (its shape, plus `n_classes`): the base's
-/// weights where `init_random` is false (every tensor but a base classifier's class
-/// token and head), fresh ones otherwise.
+/// A classifier to finetune from `base` (its shape, plus `n_classes`; a class head
+/// on the cell embedding when `class_embedding`): the base's weights where
+/// `init_random` is false (every tensor but a base classifier's class token and head),
+/// fresh ones otherwise.
 pub fn classifier_start(
     base: &Start,
     n_classes: usize,
     attention: Option<AttentionMode>,
     seed: u64,
     init_random: bool,
+    class_embedding: bool,
 ) -> Result<Start> {
     let mut cfg = base.cfg.clone();
     cfg.num_classes = Some(n_classes);
+    cfg.class_embedding = class_embedding;
     if let Some(a) = attention {
         cfg.attention = a;
     }
@@ -765,12 +768,19 @@ pub fn train(
         } else {
             String::new()
         };
+        // a classifier on whole cells (frac 0) masks no gene: no MSE to report
+        let mse = if v.mse.is_nan() {
+            String::new()
+        } else {
+            format!(
+                ", validation MSE {:.4} (per-gene mean baseline {:.4})",
+                v.mse, v.base
+            )
+        };
         progress.notice(&format!(
-            "epoch {}/{}: train loss {train_loss:.4}, validation MSE {:.4} (per-gene mean baseline {:.4}){extra}, {:.1} cells/s",
+            "epoch {}/{}: train loss {train_loss:.4}{mse}{extra}, {:.1} cells/s",
             e + 1,
             o.epochs,
-            v.mse,
-            v.base,
             clock.cells_seen as f64 / clock.t0.elapsed().as_secs_f64().max(1e-9)
         ));
         if v.cells == 0 {
@@ -942,11 +952,35 @@ mod tests {
             genes: (0..6).map(|g| format!("g{g}")).collect(),
             scaler: Scaler::new(vec![0.0; 6], vec![1.0; 6]).unwrap(),
         };
-        let c = classifier_start(&base, 3, None, 2, false).unwrap();
+        let c = classifier_start(&base, 3, None, 2, false, false).unwrap();
         assert!(c.cfg.profile);
         assert_eq!(c.params.profile, base.params.profile);
-        let r = classifier_start(&base, 3, None, 2, true).unwrap();
+        let r = classifier_start(&base, 3, None, 2, true, false).unwrap();
         assert!(r.params.profile.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn classifier_start_puts_the_head_on_the_embedding() {
+        let mut cfg = Config::small(6);
+        cfg.seq_dim = 8;
+        cfg.query_dim = 8;
+        let base = Start {
+            params: Params::init(&cfg, 1).unwrap(),
+            cfg,
+            genes: (0..6).map(|g| format!("g{g}")).collect(),
+            scaler: Scaler::new(vec![0.0; 6], vec![1.0; 6]).unwrap(),
+        };
+        let c = classifier_start(&base, 3, None, 2, false, true).unwrap();
+        assert!(c.cfg.class_embedding);
+        let h = c.params.class_head.as_ref().unwrap();
+        // LayerNorm over the N·d embedding, then N·d → 3
+        assert_eq!(h.norm.weight.len(), base.cfg.embedding_len());
+        assert_eq!(h.linear1.weight.len(), 3 * base.cfg.embedding_len());
+        let t = classifier_start(&base, 3, None, 2, false, false).unwrap();
+        assert_eq!(
+            t.params.class_head.unwrap().norm.weight.len(),
+            base.cfg.seq_dim
+        );
     }
 
     #[test]

@@ -69,13 +69,21 @@ pub struct Options {
     pub label_fraction: f64,
     /// Finetuning only: start from the base model's weights ("pretrained") or fresh ones ("random").
     pub init_random: bool,
+    /// Finetuning only: the class head reads the cell embedding (`"embedding"`, true) or
+    /// a class token queried through the decoder (`"token"`, false; the published
+    /// classifier). None: the finetune default ([`Options::class_embedding`]).
+    pub class_readout: Option<bool>,
     /// After the warm-up: the learning rate stays (`"constant"`, false) or decays to 0
     /// along a half cosine over the planned epochs (`"cosine"`, true).
     pub cosine: bool,
 }
 
+/// `finetune`'s class head when the caller does not choose (`class_readout`): on the
+/// cell embedding (README, "Fine-tuning a classifier").
+const CLASS_DEFAULT: bool = true;
+
 /// Every option key, in the order the error hint lists them.
-pub const KEYS: [&str; 36] = [
+pub const KEYS: [&str; 37] = [
     "preset",
     "seq_dim",
     "query_len",
@@ -112,6 +120,7 @@ pub const KEYS: [&str; 36] = [
     "contrastive_support",
     "contrastive_debias",
     "profile_path",
+    "class_readout",
 ];
 
 /// Options that fix a new model's shape, vocabulary or scaler: refused where those come
@@ -337,6 +346,10 @@ impl Options {
             progress_every: int_opt(m, "progress_every", 1, i64::MAX)?.unwrap_or(50) as u64,
             label_fraction: num_opt(m, "label_fraction", 1e-6, 1.0)?.unwrap_or(1.0),
             init_random: either(m, "init", "pretrained", "random")?,
+            class_readout: match m.get("class_readout") {
+                None => None,
+                Some(_) => Some(either(m, "class_readout", "token", "embedding")?),
+            },
             cosine: either(m, "lr_schedule", "constant", "cosine")?,
             preset,
         })
@@ -345,6 +358,9 @@ impl Options {
     /// Options of `exceiver.train`: parsed, then the preset's defaults.
     pub fn for_train(v: &Value) -> Result<Options> {
         let mut o = Options::parse(v)?;
+        if v.get("class_readout").is_some() {
+            return Err(bad("option \"class_readout\" is for finetune: a model trained by exceiver.train has no class head".to_string()));
+        }
         if o.frac == 0.0 {
             return Err(bad("option \"frac\" = 0 is out of range 1e-9..1 for train: the model learns from masked genes (finetune accepts 0: the classifier alone)".to_string()));
         }
@@ -438,6 +454,12 @@ impl Options {
     /// The lowest fraction of its reads a contrastive view keeps (default 1: no thinning).
     pub fn depth(&self) -> f64 {
         self.contrastive_depth.unwrap_or(1.0)
+    }
+
+    /// Whether a classifier's head reads the cell embedding ([`Config::class_embedding`]):
+    /// the caller's `class_readout`, else CLASS_DEFAULT.
+    pub fn class_embedding(&self) -> bool {
+        self.class_readout.unwrap_or(CLASS_DEFAULT)
     }
 
     /// `finetune`'s defaults where the caller did not choose (`v`: the options as

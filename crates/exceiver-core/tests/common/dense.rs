@@ -277,7 +277,7 @@ pub fn dense_forward(
         layers.push(flat(&x));
     }
     let mut rows: Vec<usize> = query_ids.iter().map(|&q| q as usize).collect();
-    if params.class_head.is_some() {
+    if params.class_head.is_some() && !cfg.class_embedding {
         rows.push(g + 1);
     }
     let qd: Vec<Vec<f64>> = rows.iter().map(|&r| emb(r)).collect();
@@ -294,11 +294,15 @@ pub fn dense_forward(
         .iter()
         .map(|r| head(&params.value_head, r)[0] as f32)
         .collect();
+    // the class head reads the class token's decoder row, or the embedding itself
+    let embedding: Vec<f64> = x.iter().flatten().copied().collect();
     let class_logits = params.class_head.as_ref().map(|h| {
-        head(h, &dec[query_ids.len()])
-            .into_iter()
-            .map(|v| v as f32)
-            .collect()
+        let input = if cfg.class_embedding {
+            &embedding
+        } else {
+            &dec[query_ids.len()]
+        };
+        head(h, input).into_iter().map(|v| v as f32).collect()
     });
     Ok(DenseOutput {
         enc_latent,

@@ -20,7 +20,7 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc)
     let g_mask = cfg.seq_len as u32;
 
     let nmask = cell.mask.len();
-    let class = cfg.num_classes.is_some();
+    let class = class_row(sh);
     let nq = nmask + usize::from(class);
     let dec_p = &p.decoder;
     let dw = &dec_p.attn.in_proj_weight;
@@ -101,7 +101,11 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc)
     acc.sse += sse;
     if let (Some(nc), Some(hp), Some(label)) = (cfg.num_classes, &p.class_head, cell.label) {
         let lg = buf(&mut ws.logits, nc);
-        head_fwd(hp, &dec[nmask * d..nq * d], d, &mut ws.chead, lg);
+        if class {
+            head_fwd(hp, &dec[nmask * d..nq * d], d, &mut ws.chead, lg);
+        } else {
+            head_fwd(hp, &ws.xl[..n * d], n * d, &mut ws.chead, lg);
+        }
         let mx = lg.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let se: f64 = lg.iter().map(|&v| (v as f64 - mx).exp()).sum();
         let lse = mx + se.ln();
@@ -109,15 +113,20 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc)
     }
 }
 
+/// Whether the classifier's class token is a decoder row (a class head that reads the
+/// cell embedding has none).
+fn class_row(sh: &Shared) -> bool {
+    sh.cfg.num_classes.is_some() && !sh.cfg.class_embedding
+}
+
 /// Backward of [`forward`]: the losses through the heads and the decoder; leaves
 /// ∂ of the cell embedding in `ws.gt2`.
 pub(super) fn backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, acc: &mut Acc) {
-    let cfg = sh.cfg;
     let p = sh.p;
     let tk = TrainKernels::get();
     let (d, n, ch, chd, npad) = (sh.d, sh.n, sh.ch, sh.chd, sh.npad);
     let nmask = cell.mask.len();
-    let nq = nmask + usize::from(cfg.num_classes.is_some());
+    let nq = nmask + usize::from(class_row(sh));
     let dec_p = &p.decoder;
     let dw = &dec_p.attn.in_proj_weight;
     heads_backward(sh, cell, norm, ws, acc);
@@ -248,6 +257,9 @@ pub(super) fn backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, a
             &mut gr.decoder.layernorm_kv.weight,
             &mut gr.decoder.layernorm_kv.bias,
         );
+        if sh.cfg.class_embedding && cell.label.is_some() {
+            add_into(dx, &ws.d_cls[..n * d]);
+        }
     }
 }
 
@@ -258,7 +270,8 @@ fn heads_backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, acc: &
     let p = sh.p;
     let d = sh.d;
     let nmask = cell.mask.len();
-    let nq = nmask + usize::from(cfg.num_classes.is_some());
+    let class = class_row(sh);
+    let nq = nmask + usize::from(class);
     let pred = &ws.pred[..nmask];
     let targets = &ws.targets[..nmask];
     let gr = &mut acc.grads;
@@ -291,15 +304,13 @@ fn heads_backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, acc: &
             let pk = ((lg[k] as f64 - mx).exp() / se) as f32;
             dl[k] = norm.ce_w * (pk - if k == label { 1.0 } else { 0.0 });
         }
-        head_bwd(
-            hp,
-            gh,
-            &ws.chead,
-            d,
-            dl,
-            &mut ddec[nmask * d..nq * d],
-            &mut ws.g1,
-            &mut ws.g2,
-        );
+        // into the class token's decoder row, or into the cell embedding
+        let (din, dx) = if class {
+            (d, &mut ddec[nmask * d..nq * d])
+        } else {
+            let nd = sh.n * d;
+            (nd, zeroed(&mut ws.d_cls, nd))
+        };
+        head_bwd(hp, gh, &ws.chead, din, dl, dx, &mut ws.g1, &mut ws.g2);
     }
 }

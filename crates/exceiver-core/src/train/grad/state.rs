@@ -322,6 +322,8 @@ pub(crate) struct Ws {
     pub(super) dec: Vec<f32>,
     pub(super) vhead: HeadWs,
     pub(super) chead: HeadWs,
+    /// ∂ of the cell embedding from a class head that reads it (N·d)
+    pub(super) d_cls: Vec<f32>,
     pub(super) pred: Vec<f32>,
     pub(super) logits: Vec<f32>,
     // backward scratch
