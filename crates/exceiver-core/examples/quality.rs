@@ -389,7 +389,7 @@ fn option_sets(v: Value) -> Vec<Value> {
 fn held_out(barcode: &str) -> bool {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::hash::Hash::hash(&format!("{barcode}:test"), &mut h);
-    std::hash::Hasher::finish(&h) % 5 == 0
+    std::hash::Hasher::finish(&h).is_multiple_of(5)
 }
 
 /// Logistic regression (`exceiver.linear_probe`'s defaults) on `x` (every cell of the

@@ -93,13 +93,7 @@ fn safetensors_round_trip() {
     assert_eq!(p.value_emb.len(), small.emb_rows() * small.seq_dim);
     let b = save_safetensors(&small, &p, &[]).unwrap();
     assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
-    let st = safetensors::SafeTensors::deserialize(&b).unwrap();
-    let shapes = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (k, v.shape().to_vec()))
-        .collect();
-    let inferred = exceiver_core::model::weights::infer_config(&shapes).unwrap();
+    let inferred = inferred_config(&b);
     assert!(inferred.value_embedding && inferred.value_per_gene);
     let mut shared = small.clone();
     shared.value_per_gene = false;
@@ -117,21 +111,34 @@ fn safetensors_round_trip() {
         .for_each(|(i, x)| *x = i as f32 * 1e-3);
     let b = save_safetensors(&small, &p, &[]).unwrap();
     assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
-    let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+    assert!(inferred_config(&b).profile);
+    let mut without = small.clone();
+    without.profile = false;
+    let e = load_safetensors_with(&b, &without).unwrap_err();
+    assert!(e.message.contains("profile_proj"), "{}", e.message);
+    // a class head on the embedding: mlp_classify of [C, N·d], found from its shape
+    small.profile = false;
+    small.num_classes = Some(3);
+    small.class_embedding = true;
+    let p = Params::init(&small, 4).unwrap();
+    let b = save_safetensors(&small, &p, &[]).unwrap();
+    assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
+    assert!(inferred_config(&b).class_embedding);
+    let mut token = small.clone();
+    token.class_embedding = false;
+    let e = load_safetensors_with(&b, &token).unwrap_err();
+    assert!(e.message.contains("mlp_classify"), "{}", e.message);
+}
+
+/// The config `infer_config` finds from the tensor shapes of safetensors bytes.
+fn inferred_config(b: &[u8]) -> Config {
+    let st = safetensors::SafeTensors::deserialize(b).unwrap();
     let shapes = st
         .tensors()
         .into_iter()
         .map(|(k, v)| (k, v.shape().to_vec()))
         .collect();
-    assert!(
-        exceiver_core::model::weights::infer_config(&shapes)
-            .unwrap()
-            .profile
-    );
-    let mut without = small.clone();
-    without.profile = false;
-    let e = load_safetensors_with(&b, &without).unwrap_err();
-    assert!(e.message.contains("profile_proj"), "{}", e.message);
+    exceiver_core::model::weights::infer_config(&shapes).unwrap()
 }
 
 /// The same weights always give the same bytes: the metadata (a HashMap inside the

@@ -62,12 +62,12 @@ SELECT model, epochs FROM exceiver.train('tiny_ft', 'kang_small', '{"parent": "t
 -- transfer: a classifier for stim, from the pretrained model and from random weights
 SELECT model, classes, epochs FROM exceiver.finetune('tiny', 'tiny_stim', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32}');
 SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_rand', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "init": "random"}');
--- the published classifier's readout: a class token queried through the decoder
-SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_tok', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "class_readout": "token"}');
+-- a class head that reads the cell embedding instead of the class token
+SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_emb', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "class_readout": "embedding"}');
 RESET client_min_messages;
--- finetune's class head reads the cell embedding unless asked for the token
-SELECT name, config->>'class_embedding' AS class_embedding FROM exceiver.model_catalog WHERE name IN ('tiny_stim', 'tiny_stim_tok') ORDER BY name;
-SELECT exceiver.classify('tiny_stim_tok', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
+-- finetune's class head reads the class token unless asked for the embedding
+SELECT name, config->>'class_embedding' AS class_embedding FROM exceiver.model_catalog WHERE name IN ('tiny_stim', 'tiny_stim_emb') ORDER BY name;
+SELECT exceiver.classify('tiny_stim_emb', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
 SELECT name, kind, parent, labels FROM exceiver.models WHERE name LIKE 'tiny%' ORDER BY name;
 -- continued training does not add the contrastive term unless asked
 SELECT metrics->'options'->>'contrastive' AS contrastive FROM exceiver.model_catalog WHERE name = 'tiny_ft';

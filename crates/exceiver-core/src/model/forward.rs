@@ -589,7 +589,6 @@ impl Exceiver {
         let (d, ch, chd, npad) = (p.d, p.ch, p.chd, p.npad);
         let n = self.cfg.query_len;
         let nnz = genes.len();
-        let enc = &self.params.encoder;
 
         // Per-entry keys and values, structure of arrays [c·nnz + e].
         let tk = buf(&mut ws.tk, d * nnz);
@@ -699,9 +698,25 @@ impl Exceiver {
                 }
             }
         }
-        // out_proj, residual on the un-normalised query, MLP with residual.
         let x = buf(&mut ws.x, n * d);
         let tmp = buf(&mut ws.row, 4 * d);
+        self.encoder_output(o, x, tmp, (genes, tokens, values));
+        Ok(())
+    }
+
+    /// The encoder's latent `x` (N·d) from its attention output `o`: out_proj, the
+    /// residual on the un-normalised query, the MLP with its residual, then the profile
+    /// path's sum over the cell's unmasked genes.
+    fn encoder_output(
+        &self,
+        o: &[f32],
+        x: &mut [f32],
+        tmp: &mut [f32],
+        (genes, tokens, values): (&[u32], Option<&[u32]>, &[f32]),
+    ) {
+        let enc = &self.params.encoder;
+        let d = self.cfg.seq_dim;
+        let n = self.cfg.query_len;
         for i in 0..n {
             let xi = &mut x[i * d..(i + 1) * d];
             nn::linear(&enc.attn.out_proj, &o[i * d..(i + 1) * d], xi);
@@ -723,7 +738,6 @@ impl Exceiver {
                 &mut x[..n * d],
             );
         }
-        Ok(())
     }
 
     /// One post-norm Transformer encoder layer, in place on the latent in `ws.xt`

@@ -137,6 +137,28 @@ pub struct Trained {
     pub cells_per_s: f64,
 }
 
+/// An epoch's progress line.
+fn epoch_line(
+    (epoch, epochs): (usize, usize),
+    train_loss: f64,
+    v: &Val,
+    extra: &str,
+    cells_per_s: f64,
+) -> String {
+    // a classifier on whole cells (frac 0) masks no gene: no MSE to report
+    let mse = if v.mse.is_nan() {
+        String::new()
+    } else {
+        format!(
+            ", validation MSE {:.4} (per-gene mean baseline {:.4})",
+            v.mse, v.base
+        )
+    };
+    format!(
+        "epoch {epoch}/{epochs}: train loss {train_loss:.4}{mse}{extra}, {cells_per_s:.1} cells/s"
+    )
+}
+
 /// A classifier to finetune from `base` (its shape, plus `n_classes`; a class head
 /// on the cell embedding when `class_embedding`): the base's weights where
 /// `init_random` is false (every tensor but a base classifier's class token and head),
@@ -768,20 +790,12 @@ pub fn train(
         } else {
             String::new()
         };
-        // a classifier on whole cells (frac 0) masks no gene: no MSE to report
-        let mse = if v.mse.is_nan() {
-            String::new()
-        } else {
-            format!(
-                ", validation MSE {:.4} (per-gene mean baseline {:.4})",
-                v.mse, v.base
-            )
-        };
-        progress.notice(&format!(
-            "epoch {}/{}: train loss {train_loss:.4}{mse}{extra}, {:.1} cells/s",
-            e + 1,
-            o.epochs,
-            clock.cells_seen as f64 / clock.t0.elapsed().as_secs_f64().max(1e-9)
+        progress.notice(&epoch_line(
+            (e + 1, o.epochs),
+            train_loss,
+            &v,
+            &extra,
+            clock.cells_seen as f64 / clock.t0.elapsed().as_secs_f64().max(1e-9),
         ));
         if v.cells == 0 {
             // no validation cells: keep the latest weights
