@@ -109,25 +109,31 @@ fn safetensors_round_trip() {
         .iter_mut()
         .enumerate()
         .for_each(|(i, x)| *x = i as f32 * 1e-3);
-    let b = save_safetensors(&small, &p, &[]).unwrap();
-    assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
-    assert!(inferred_config(&b).profile);
-    let mut without = small.clone();
-    without.profile = false;
-    let e = load_safetensors_with(&b, &without).unwrap_err();
-    assert!(e.message.contains("profile_proj"), "{}", e.message);
+    extension_round_trip(&small, &p, |c| &mut c.profile, "profile_proj");
     // a class head on the embedding: mlp_classify of [C, N·d], found from its shape
     small.profile = false;
     small.num_classes = Some(3);
     small.class_embedding = true;
     let p = Params::init(&small, 4).unwrap();
-    let b = save_safetensors(&small, &p, &[]).unwrap();
-    assert_eq!(load_safetensors(&b).unwrap(), (small.clone(), p.clone()));
-    assert!(inferred_config(&b).class_embedding);
-    let mut token = small.clone();
-    token.class_embedding = false;
-    let e = load_safetensors_with(&b, &token).unwrap_err();
-    assert!(e.message.contains("mlp_classify"), "{}", e.message);
+    extension_round_trip(&small, &p, |c| &mut c.class_embedding, "mlp_classify");
+}
+
+/// `p` of `cfg` survives a safetensors round trip, `infer_config` finds the extension
+/// `flag` from the shapes alone, and reading the bytes with it off is an error naming
+/// `tensor`.
+fn extension_round_trip(
+    cfg: &Config,
+    p: &Params,
+    flag: fn(&mut Config) -> &mut bool,
+    tensor: &str,
+) {
+    let b = save_safetensors(cfg, p, &[]).unwrap();
+    assert_eq!(load_safetensors(&b).unwrap(), (cfg.clone(), p.clone()));
+    assert!(*flag(&mut inferred_config(&b)));
+    let mut off = cfg.clone();
+    *flag(&mut off) = false;
+    let e = load_safetensors_with(&b, &off).unwrap_err();
+    assert!(e.message.contains(tensor), "{}", e.message);
 }
 
 /// The config `infer_config` finds from the tensor shapes of safetensors bytes.

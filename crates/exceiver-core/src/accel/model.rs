@@ -225,13 +225,14 @@ impl DeviceModel {
             let lat = self.latent(inp)?;
             scatter(&lat, idx, nd, &mut embedding)?;
             let lists: Vec<Vec<u32>> = idx.iter().map(|&i| queries[i].to_vec()).collect();
+            // the class token is a decoder row unless the class head reads the embedding
             let token = classes.is_some() && !self.cfg.class_embedding;
+            if let (Some(c), Some(out), false) = (classes, logits.as_mut(), token) {
+                self.class_logits(&lat.flatten_from(1)?, idx, c, out)?;
+            }
             let (rows, qm) = pack_queries(&self.cfg, &lists, token);
             if qm == 0 && !token {
                 // nothing queries the decoder
-                if let (Some(c), Some(out)) = (classes, logits.as_mut()) {
-                    self.class_logits(&lat.flatten_from(1)?, idx, c, out)?;
-                }
                 return Ok(());
             }
             let rows_t = self.row_ids(&rows)?;
@@ -246,13 +247,8 @@ impl DeviceModel {
                     pred[i].copy_from_slice(&p[j][..n]);
                 }
             }
-            if let (Some(c), Some(out)) = (classes, logits.as_mut()) {
-                let row = if token {
-                    dec.narrow(1, qm, 1)?.squeeze(1)?
-                } else {
-                    lat.flatten_from(1)?
-                };
-                self.class_logits(&row, idx, c, out)?;
+            if let (Some(c), Some(out), true) = (classes, logits.as_mut(), token) {
+                self.class_logits(&dec.narrow(1, qm, 1)?.squeeze(1)?, idx, c, out)?;
             }
             Ok(())
         })?;

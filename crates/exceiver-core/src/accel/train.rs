@@ -509,15 +509,17 @@ impl DeviceTrainer {
         let b = idx.len();
         let width = qm + usize::from(token);
         debug_assert_eq!(rows.len(), b * width);
-        let dec = if width > 0 {
-            let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
-            self.net.decode(cfg, &lat, &rows)?
-        } else {
-            // nothing queries the decoder (a class head on the embedding, no masked gene)
-            lat.clone()
+        // none when nothing queries the decoder (a class head on the embedding, no
+        // masked gene)
+        let dec = match width {
+            0 => None,
+            _ => {
+                let rows = RowIds::new(&rows, 0, cfg.emb_rows(), cfg.seq_dim, true, dev)?;
+                Some(self.net.decode(cfg, &lat, &rows)?)
+            }
         };
         let (mut sse, mut ce) = (0.0f64, 0.0f64);
-        if qm > 0 && masked > 0 {
+        if let (Some(dec), true) = (&dec, qm > 0 && masked > 0) {
             let mut target = vec![0.0f32; b * qm];
             let mut weight = vec![0.0f32; b * qm];
             for (j, &i) in idx.iter().enumerate() {
@@ -540,10 +542,9 @@ impl DeviceTrainer {
             }
         }
         if let Some(nc) = classes {
-            let row = if token {
-                dec.narrow(1, qm, 1)?.squeeze(1)?
-            } else {
-                lat.flatten_from(1)?
+            let row = match (&dec, token) {
+                (Some(dec), true) => dec.narrow(1, qm, 1)?.squeeze(1)?,
+                _ => lat.flatten_from(1)?,
             };
             if let Some(logits) = self.net.class_head(&row)? {
                 let mut onehot = vec![0.0f32; b * nc];

@@ -201,6 +201,11 @@ impl Config {
             } else {
                 0
             }
+            // the class head: LayerNorm over its input, input → C, C → C
+            + self.num_classes.map_or(0, |c| {
+                let (c, i) = (c as u128, self.class_in() as u128);
+                2 * i + c * (i + c + 2)
+            })
     }
 
     /// Check that the numbers make a model: positive sizes, widths divisible by the
@@ -356,6 +361,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A class head on the embedding is N·d wide: its size counts against the
+    /// parameter limit before anything is allocated.
+    #[test]
+    fn a_class_head_on_a_wide_embedding_is_refused() {
+        let mut c = Config {
+            seq_len: 10,
+            seq_dim: 1024,
+            query_len: 4096,
+            query_dim: 1024,
+            num_layers: 0,
+            dim_feedforward: 16,
+            num_classes: Some(300),
+            ..Config::small(10)
+        };
+        c.validate().unwrap();
+        c.class_embedding = true;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.kind, crate::Kind::Limit);
+        assert!(e.message.contains("parameters exceed"), "{}", e.message);
+    }
 
     #[test]
     fn presets_validate() {
