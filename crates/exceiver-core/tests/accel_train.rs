@@ -4,6 +4,7 @@
 //! small models, chunked batches, Adam steps next to `train::Trainer`, bad input.
 
 use exceiver_core::accel::{self, DeviceTrainer};
+use exceiver_core::error::Kind;
 use exceiver_core::model::rng::Rng;
 use exceiver_core::model::{AttentionMode, Config, Params};
 use exceiver_core::train::{self, mask_positions, ProjectionHead, TrainCell, TrainOpts, Trainer};
@@ -706,4 +707,109 @@ fn contrastive_steps_with_a_projection_head_match_the_cpu_trainer() {
     let wrong = ProjectionHead::new(cfg.embedding_len() + 1, 12, 6, 3).unwrap();
     assert!(cpu.set_projection_head(Some(wrong.clone())).is_err());
     assert!(dev.set_projection_head(Some(wrong)).is_err());
+}
+
+/// The values a classifier's head owns (LP-FT's first phase moves only these): the
+/// class head and the class token's row of the gene embedding.
+fn is_head(cfg: &Config, name: &str, k: usize) -> bool {
+    name.starts_with("mlp_classify.")
+        || (name == "gene_emb.weight" && k >= (cfg.seq_len + 1) * cfg.seq_dim)
+}
+
+/// `set_head_only(true)` on both trainers: a few steps move the class head and the
+/// class token and nothing else, alike on the CPU and the device; `false` moves the
+/// rest again. A model without a class head refuses it (22023).
+#[test]
+fn head_only_steps_move_only_the_head() {
+    for embedding_head in [false, true] {
+        let mut cfg = tiny(AttentionMode::ExpressedOnly, 8, 2, 1, Some(3));
+        cfg.class_embedding = embedding_head;
+        let params = Params::init(&cfg, 3).unwrap();
+        let zf: Vec<f32> = (0..cfg.seq_len).map(|g| g as f32 * 0.01).collect();
+        let opts = TrainOpts {
+            lr: 1e-2,
+            warmup_steps: 0,
+            threads: 1,
+            ..TrainOpts::default()
+        };
+        let mut cpu = Trainer::new(cfg.clone(), params.clone(), zf.clone(), opts.clone()).unwrap();
+        let mut dev =
+            DeviceTrainer::new(cfg.clone(), params.clone(), zf.clone(), opts, &Device::Cpu)
+                .unwrap();
+        cpu.set_head_only(true).unwrap();
+        dev.set_head_only(true).unwrap();
+        let mut rng = Rng::new(8);
+        for _ in 0..3 {
+            let cells = random_cells(&cfg, &mut rng, 12);
+            cpu.train_step(&cells).unwrap();
+            dev.train_step(&cells).unwrap();
+        }
+        for (what, p) in [
+            ("CPU", cpu.params().clone()),
+            ("device", dev.params().unwrap()),
+        ] {
+            let mut moved = 0usize;
+            p.visit(&cfg, |name, _, v| {
+                let mut before = Vec::new();
+                params
+                    .visit(&cfg, |n, _, b| {
+                        if n == name {
+                            before = b.clone();
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                for (k, (a, b)) in v.iter().zip(&before).enumerate() {
+                    if is_head(&cfg, &name, k) {
+                        moved += (a != b) as usize;
+                    } else {
+                        assert_eq!(a, b, "{what}: {name}[{k}] moved with the head alone");
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert!(moved > 20, "{what}: only {moved} head values moved");
+        }
+        let (pc, pd) = (flat(&cfg, cpu.params()), flat(&cfg, &dev.params().unwrap()));
+        assert!(rel32(&pd, &pc) <= 1e-4, "device and CPU heads differ");
+        cpu.set_head_only(false).unwrap();
+        dev.set_head_only(false).unwrap();
+        let cells = random_cells(&cfg, &mut rng, 12);
+        cpu.train_step(&cells).unwrap();
+        dev.train_step(&cells).unwrap();
+        let p0 = flat(&cfg, &params);
+        for p in [flat(&cfg, cpu.params()), flat(&cfg, &dev.params().unwrap())] {
+            let changed = p.iter().zip(&p0).filter(|(a, b)| a != b).count();
+            assert!(changed > moved_by_head(&cfg), "the backbone moves again");
+        }
+    }
+    let cfg = tiny(AttentionMode::ExpressedOnly, 8, 2, 1, None);
+    let params = Params::init(&cfg, 3).unwrap();
+    let zf = vec![0.0; cfg.seq_len];
+    let mut cpu = Trainer::new(
+        cfg.clone(),
+        params.clone(),
+        zf.clone(),
+        TrainOpts::default(),
+    )
+    .unwrap();
+    let e = cpu.set_head_only(true).unwrap_err();
+    assert_eq!(e.kind, Kind::InvalidParameter, "{}", e.message);
+    let mut dev = DeviceTrainer::new(cfg, params, zf, TrainOpts::default(), &Device::Cpu).unwrap();
+    assert!(dev.set_head_only(true).is_err());
+    assert!(dev.set_head_only(false).is_ok());
+}
+
+/// How many values a classifier's head owns.
+fn moved_by_head(cfg: &Config) -> usize {
+    let mut n = 0;
+    Params::init(cfg, 0)
+        .unwrap()
+        .visit(cfg, |name, _, v| {
+            n += (0..v.len()).filter(|&k| is_head(cfg, &name, k)).count();
+            Ok(())
+        })
+        .unwrap();
+    n
 }

@@ -64,7 +64,11 @@ SELECT model, classes, epochs FROM exceiver.finetune('tiny', 'tiny_stim', 'kang_
 SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_rand', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "init": "random"}');
 -- a class head that reads the cell embedding instead of the class token
 SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_emb', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "class_readout": "embedding"}');
+-- the head alone first (the pretrained model frozen), then the whole model (LP-FT)
+SELECT model, epochs FROM exceiver.finetune('tiny', 'tiny_stim_hf', 'kang_small', 'stim', '{"epochs": 3, "batch_size": 32, "warmup_steps": 0, "patience": 1, "head_first": true}');
 RESET client_min_messages;
+SELECT (metrics->>'head_epochs')::int BETWEEN 1 AND 3 AS head_trained_first, metrics->'options'->>'head_first' AS head_first
+FROM exceiver.model_catalog WHERE name = 'tiny_stim_hf';
 -- finetune's class head reads the class token unless asked for the embedding
 SELECT name, config->>'class_embedding' AS class_embedding FROM exceiver.model_catalog WHERE name IN ('tiny_stim', 'tiny_stim_emb') ORDER BY name;
 SELECT exceiver.classify('tiny_stim_emb', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;
@@ -164,6 +168,8 @@ SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"standardiz
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"contrastive": 1}'); \echo :SQLSTATE
 SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"class_readout": "mean"}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"class_readout": "embedding"}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"head_first": true}'); \echo :SQLSTATE
+SELECT * FROM exceiver.finetune('tiny', 'x', 'kang_small', 'stim', '{"head_first": "yes"}'); \echo :SQLSTATE
 -- bad cells stop training, named by the core's cell contract (the same checks and
 -- messages as exceiver.embed); nothing is stored
 CREATE TABLE bad_cells AS SELECT * FROM kang_small ORDER BY cell_id LIMIT 60;

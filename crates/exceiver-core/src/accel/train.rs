@@ -40,6 +40,9 @@ pub struct DeviceTrainer {
     v: Tensor,
     /// 1 per parameter, 0 on the mask token's embedding row, flat
     keep_flat: Tensor,
+    /// While only a classifier's head moves ([`DeviceTrainer::set_head_only`]): 1 on
+    /// its values ([`crate::train::head_range`]), 0 elsewhere, flat
+    head_flat: Option<Tensor>,
     t: u64,
     /// position of `gene_emb.weight` in `vars`
     emb: usize,
@@ -141,6 +144,7 @@ impl DeviceTrainer {
             m: zeros()?,
             v: zeros()?,
             keep_flat,
+            head_flat: None,
             cfg,
             dev: dev.clone(),
             names,
@@ -196,6 +200,23 @@ impl DeviceTrainer {
         }
         stats.loss += weight * closs;
         Ok((stats, closs))
+    }
+
+    /// See [`crate::train::Stepper::set_head_only`].
+    pub fn set_head_only(&mut self, on: bool) -> Result<()> {
+        crate::train::check_head_only(&self.cfg, on)?;
+        self.head_flat = None;
+        if on {
+            let mut flat = Vec::new();
+            for (name, var) in self.names.iter().zip(&self.vars) {
+                let n = var.elem_count();
+                let r = crate::train::head_range(&self.cfg, name, n);
+                flat.extend((0..n).map(|k| if r.contains(&k) { 1.0f32 } else { 0.0 }));
+            }
+            let n = flat.len();
+            self.head_flat = Some(Tensor::from_vec(flat, n, &self.dev).map_err(compute_err)?);
+        }
+        Ok(())
     }
 
     /// See [`crate::train::Trainer::eval_contrastive`].
@@ -629,7 +650,11 @@ impl DeviceTrainer {
         let v = (self.v.affine(f(b2f), 0.0)? + (g.affine(f(1.0 - b2f), 0.0)? * &g)?)?;
         // x −= step·m / (√v / √bc2 + ε)
         let denom = v.sqrt()?.broadcast_div(&bc2_sqrt)?.affine(1.0, eps)?;
-        let new = ((&x - m.affine(step_size, 0.0)?.div(&denom)?)? * &self.keep_flat)?;
+        let mut step = m.affine(step_size, 0.0)?.div(&denom)?;
+        if let Some(h) = &self.head_flat {
+            step = (step * h)?;
+        }
+        let new = ((&x - step)? * &self.keep_flat)?;
         let mut off = 0;
         for var in &self.vars {
             let n = var.elem_count();
@@ -705,6 +730,9 @@ impl Stepper for DeviceTrainer {
     }
     fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
         DeviceTrainer::set_projection_head(self, head)
+    }
+    fn set_head_only(&mut self, on: bool) -> Result<()> {
+        DeviceTrainer::set_head_only(self, on)
     }
     fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
         DeviceTrainer::eval_stats(self, cells)

@@ -641,6 +641,89 @@ fn epoch(
     Ok((loss_sum / n, closs_sum / n))
 }
 
+/// Early stopping, and a classifier's head-first phase (option `head_first`, LP-FT:
+/// Kumar et al., ICLR 2022): while only the head moves, `patience` epochs without
+/// improvement end that phase, and the whole model trains from the weights reached,
+/// instead of ending the run.
+struct Patience {
+    limit: usize,
+    bad: usize,
+    head_only: bool,
+    /// Epochs the head trained alone, once the whole model moves.
+    head_epochs: usize,
+}
+
+impl Patience {
+    /// Freezes all but the head of a classifier pretrained elsewhere when `head_first`.
+    fn start(
+        o: &Options,
+        classifier: bool,
+        trainer: &mut dyn Stepper,
+        progress: &mut dyn Progress,
+    ) -> Result<Patience> {
+        let head_only = classifier && o.head_first() && !o.init_random;
+        if head_only {
+            trainer.set_head_only(true)?;
+            progress.notice(&format!("head first: the class head and class token train alone until validation stops improving for {} epochs, then the whole model", o.patience));
+        }
+        Ok(Patience {
+            limit: o.patience,
+            bad: 0,
+            head_only,
+            head_epochs: 0,
+        })
+    }
+
+    /// After epoch `epoch` (0-based): whether to stop. `improved`: the validation
+    /// score is the best so far; `counts`: an epoch without improvement counts.
+    fn stop(
+        &mut self,
+        improved: bool,
+        counts: bool,
+        epoch: usize,
+        trainer: &mut dyn Stepper,
+        progress: &mut dyn Progress,
+    ) -> Result<bool> {
+        if improved {
+            self.bad = 0;
+            return Ok(false);
+        }
+        if !counts {
+            return Ok(false);
+        }
+        self.bad += 1;
+        if self.bad < self.limit {
+            return Ok(false);
+        }
+        if self.head_only {
+            trainer.set_head_only(false)?;
+            self.head_only = false;
+            self.head_epochs = epoch + 1;
+            self.bad = 0;
+            progress.notice(&format!(
+                "the head alone did not improve for {} epochs: from epoch {} the whole model trains",
+                self.limit,
+                epoch + 2
+            ));
+            return Ok(false);
+        }
+        progress.notice(&format!(
+            "early stop: validation did not improve for {} epochs",
+            self.limit
+        ));
+        Ok(true)
+    }
+
+    /// Epochs the head trained alone (all of them if it never stopped improving).
+    fn head_epochs(&self, epochs_done: usize) -> usize {
+        if self.head_only {
+            epochs_done
+        } else {
+            self.head_epochs
+        }
+    }
+}
+
 /// Optimiser steps in one epoch of the training cells.
 fn steps_per_epoch(data: &Data, o: &Options) -> u64 {
     ((data.train_cells as usize - data.too_small).div_ceil(o.batch_size)).max(1) as u64
@@ -752,7 +835,8 @@ pub fn train(
     };
     let mut history: Vec<Value> = Vec::new();
     let mut best: Option<(f64, Params)> = None;
-    let (mut baseline_val, mut bad_epochs, mut epochs_done) = (f64::NAN, 0usize, 0usize);
+    let (mut baseline_val, mut epochs_done) = (f64::NAN, 0usize);
+    let mut patience = Patience::start(o, classifier, trainer.as_mut(), progress)?;
     for e in 0..o.epochs {
         let (train_loss, closs) = epoch(
             src,
@@ -802,23 +886,19 @@ pub fn train(
             best = Some((train_loss, trainer.params()?.into_owned()));
             continue;
         }
-        if best.as_ref().is_none_or(|(b, _)| score < *b) {
+        let improved = best.as_ref().is_none_or(|(b, _)| score < *b);
+        if improved {
             best = Some((score, trainer.params()?.into_owned()));
-            bad_epochs = 0;
-        } else if clock.step >= o.warmup_steps {
-            // epochs still in the warm-up do not count against patience: a run is not
-            // judged before its learning rate has arrived (a few labelled cells make
-            // epochs of one or two steps)
-            bad_epochs += 1;
-            if bad_epochs >= o.patience {
-                progress.notice(&format!(
-                    "early stop: validation did not improve for {} epochs",
-                    o.patience
-                ));
-                break;
-            }
+        }
+        // epochs still in the warm-up do not count against patience: a run is not
+        // judged before its learning rate has arrived (a few labelled cells make
+        // epochs of one or two steps)
+        let counts = clock.step >= o.warmup_steps;
+        if patience.stop(improved, counts, e, trainer.as_mut(), progress)? {
+            break;
         }
     }
+    let head_epochs = patience.head_epochs(epochs_done);
     let (best_score, params) = match best {
         Some(b) => b,
         None => (f64::NAN, trainer.params()?.into_owned()),
@@ -833,7 +913,7 @@ pub fn train(
     let metrics = json!({
         "best_val_mse": finite(best_val), "best_val_score": finite(best_score),
         "baseline_val_mse": finite(baseline_val),
-        "epochs": epochs_done, "steps": clock.step, "train_cells": data.train_cells,
+        "epochs": epochs_done, "head_epochs": head_epochs, "steps": clock.step, "train_cells": data.train_cells,
         "skipped_cells": data.too_small, "n_mask": data.n_mask, "seconds": seconds,
         "train_cells_per_s": cells_per_s, "threads": task.threads, "options": o.to_json(),
     });

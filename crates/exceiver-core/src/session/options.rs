@@ -76,6 +76,10 @@ pub struct Options {
     /// After the warm-up: the learning rate stays (`"constant"`, false) or decays to 0
     /// along a half cosine over the planned epochs (`"cosine"`, true).
     pub cosine: bool,
+    /// Finetuning only: train the class head alone (the pretrained model frozen) until
+    /// validation stops improving, then the whole model (LP-FT). None: the finetune
+    /// default ([`Options::head_first`]).
+    pub head_first: Option<bool>,
 }
 
 /// `finetune`'s class head when the caller does not choose (`class_readout`): the
@@ -84,8 +88,11 @@ pub struct Options {
 /// classifier"), so it is opt-in until that is understood.
 const CLASS_DEFAULT: bool = false;
 
+/// `finetune`'s `head_first` when the caller does not choose.
+const HEAD_FIRST_DEFAULT: bool = false;
+
 /// Every option key, in the order the error hint lists them.
-pub const KEYS: [&str; 37] = [
+pub const KEYS: [&str; 38] = [
     "preset",
     "seq_dim",
     "query_len",
@@ -123,6 +130,7 @@ pub const KEYS: [&str; 37] = [
     "contrastive_debias",
     "profile_path",
     "class_readout",
+    "head_first",
 ];
 
 /// Options that fix a new model's shape, vocabulary or scaler: refused where those come
@@ -353,6 +361,7 @@ impl Options {
                 Some(_) => Some(either(m, "class_readout", "token", "embedding")?),
             },
             cosine: either(m, "lr_schedule", "constant", "cosine")?,
+            head_first: bool_opt(m, "head_first")?,
             preset,
         })
     }
@@ -360,8 +369,10 @@ impl Options {
     /// Options of `exceiver.train`: parsed, then the preset's defaults.
     pub fn for_train(v: &Value) -> Result<Options> {
         let mut o = Options::parse(v)?;
-        if v.get("class_readout").is_some() {
-            return Err(bad("option \"class_readout\" is for finetune: a model trained by exceiver.train has no class head".to_string()));
+        for k in ["class_readout", "head_first"] {
+            if v.get(k).is_some() {
+                return Err(bad(format!("option \"{k}\" is for finetune: a model trained by exceiver.train has no class head")));
+            }
         }
         if o.frac == 0.0 {
             return Err(bad("option \"frac\" = 0 is out of range 1e-9..1 for train: the model learns from masked genes (finetune accepts 0: the classifier alone)".to_string()));
@@ -464,6 +475,12 @@ impl Options {
         self.class_readout.unwrap_or(CLASS_DEFAULT)
     }
 
+    /// Whether a classifier's head trains alone first: the caller's `head_first`, else
+    /// HEAD_FIRST_DEFAULT.
+    pub fn head_first(&self) -> bool {
+        self.head_first.unwrap_or(HEAD_FIRST_DEFAULT)
+    }
+
     /// `finetune`'s defaults where the caller did not choose (`v`: the options as
     /// given): the classifier alone on whole cells (`frac` 0, as `classify` sees them;
     /// with masked genes the classifier learns on inputs it never gets at inference:
@@ -551,7 +568,8 @@ impl Options {
                "contrastive_debias": if contrastive > 0.0 { self.contrastive_debias } else { 0.0 },
                "profile_path": if self.parent.is_some() { Value::Null } else { json!(self.profile_path.unwrap_or(false)) },
                "max_cells": self.max_cells, "parent": self.parent,
-               "lr_schedule": if self.cosine { "cosine" } else { "constant" }})
+               "lr_schedule": if self.cosine { "cosine" } else { "constant" },
+               "head_first": self.head_first})
     }
 }
 
@@ -637,5 +655,25 @@ mod tests {
             e.message
         );
         assert_eq!(Options::for_train(&json!({})).unwrap().frac, 0.15);
+    }
+
+    #[test]
+    fn head_first_is_a_finetune_option() {
+        assert!(Options::for_finetune(&json!({"head_first": true}))
+            .unwrap()
+            .head_first());
+        assert_eq!(
+            Options::for_finetune(&json!({})).unwrap().head_first(),
+            HEAD_FIRST_DEFAULT
+        );
+        let e = Options::for_finetune(&json!({"head_first": 1})).unwrap_err();
+        assert_eq!(
+            e.message,
+            "option \"head_first\" must be true or false, not 1"
+        );
+        let e = Options::for_train(&json!({"head_first": true})).unwrap_err();
+        assert!(e
+            .message
+            .starts_with("option \"head_first\" is for finetune"));
     }
 }

@@ -150,6 +150,9 @@ pub struct Adam {
     v: Vec<f32>,
     /// Updates done so far.
     pub t: u64,
+    /// Move only a classifier's head ([`head_range`]); the moments of every parameter
+    /// are kept current, so that the backbone starts with them when it moves.
+    pub head_only: bool,
 }
 
 impl Adam {
@@ -159,6 +162,7 @@ impl Adam {
             m: vec![0.0; n],
             v: vec![0.0; n],
             t: 0,
+            head_only: false,
         }
     }
 
@@ -188,15 +192,22 @@ impl Adam {
         let (b1f, b2f) = (b1 as f32, b2 as f32);
         let (wd, eps) = (opts.weight_decay as f32, opts.eps as f32);
         let mut off = 0;
-        let (m, v) = (&mut self.m, &mut self.v);
-        params.visit_mut(cfg, |_, _, p| {
+        let (m, v, head_only) = (&mut self.m, &mut self.v, self.head_only);
+        params.visit_mut(cfg, |name, _, p| {
+            let moves = if head_only {
+                head_range(cfg, &name, p.len())
+            } else {
+                0..p.len()
+            };
             for (k, x) in p.iter_mut().enumerate() {
                 let i = off + k;
                 let g = flat[i] + wd * *x;
                 m[i] = b1f * m[i] + (1.0 - b1f) * g;
                 v[i] = b2f * v[i] + (1.0 - b2f) * g * g;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                *x -= step_size * m[i] / denom;
+                if moves.contains(&k) {
+                    let denom = v[i].sqrt() / bc2_sqrt + eps;
+                    *x -= step_size * m[i] / denom;
+                }
             }
             off += p.len();
             Ok(())
@@ -205,6 +216,30 @@ impl Adam {
         params.gene_emb[g * d..(g + 1) * d].fill(0.0);
         Ok(())
     }
+}
+
+/// The values of parameter tensor `name` (of `len` values) that belong to a
+/// classifier's head: all of the class head (`mlp_classify.*`) and the class token's
+/// row of `gene_emb.weight` (the row after the mask token's); none of any other tensor.
+/// They alone move while the backbone is frozen ([`Stepper::set_head_only`]).
+pub(crate) fn head_range(cfg: &Config, name: &str, len: usize) -> std::ops::Range<usize> {
+    if name.starts_with("mlp_classify.") {
+        0..len
+    } else if name == "gene_emb.weight" && cfg.num_classes.is_some() {
+        ((cfg.seq_len + 1) * cfg.seq_dim).min(len)..len
+    } else {
+        0..0
+    }
+}
+
+/// [`Stepper::set_head_only`]'s check: only a classifier has a head to train alone.
+pub(crate) fn check_head_only(cfg: &Config, on: bool) -> Result<()> {
+    if on && cfg.num_classes.is_none() {
+        return Err(Error::invalid(
+            "only a classifier has a head to train with the rest of the model frozen",
+        ));
+    }
+    Ok(())
 }
 
 /// Owns a model's weights and optimiser state and trains it batch by batch.
@@ -287,6 +322,13 @@ impl Trainer {
     pub fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
         check_head(&self.cfg, head.as_ref())?;
         self.head = head;
+        Ok(())
+    }
+
+    /// See [`Stepper::set_head_only`].
+    pub fn set_head_only(&mut self, on: bool) -> Result<()> {
+        check_head_only(&self.cfg, on)?;
+        self.adam.head_only = on;
         Ok(())
     }
 
@@ -464,6 +506,11 @@ pub trait Stepper: std::fmt::Debug {
     fn eval_contrastive(&mut self, views: &[TrainCell], tau: f64) -> Result<f64>;
     /// The projection head of the contrastive term (`None`: on the embeddings).
     fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()>;
+    /// With `on`, the next updates move only a classifier's head (the class head and
+    /// the class token; [`head_range`]) and leave the rest of the model as it is, the
+    /// optimiser's moments kept current for all of it; `false` moves everything again.
+    /// Refused (22023) for a model without a class head.
+    fn set_head_only(&mut self, on: bool) -> Result<()>;
     /// Loss of a batch, without an update.
     fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats>;
     /// `eval_stats(cells)?.loss`.
@@ -498,6 +545,9 @@ impl Stepper for Trainer {
     }
     fn set_projection_head(&mut self, head: Option<ProjectionHead>) -> Result<()> {
         Trainer::set_projection_head(self, head)
+    }
+    fn set_head_only(&mut self, on: bool) -> Result<()> {
+        Trainer::set_head_only(self, on)
     }
     fn eval_stats(&mut self, cells: &[TrainCell]) -> Result<StepStats> {
         Trainer::eval_stats(self, cells)
