@@ -1,6 +1,6 @@
 -- exceiver end-to-end demo on real data (run by `make demo`).
 --   Load Kang IFN-beta PBMCs (.h5ad) and PBMC 3k (10x folder); pretrain a small Exceiver on
---   Kang; embed PBMC 3k (cells the model never saw) and its genes into pgvector columns
+--   Kang, and one on Kang and PBMC 3k together without labels; embed PBMC 3k (cells the model never saw) and its genes into pgvector columns
 --   with HNSW indexes; nearest neighbours; judge the embedding against published labels
 --   beside a random-weights baseline; transfer to predicting IFN-beta stimulation with
 --   and without pretraining, with 1%, 10% and 100% of the labels, and to PBMC 3k's cell
@@ -20,7 +20,7 @@
   \set ft_opts '{}'
 \endif
 SET client_min_messages = notice;
-DROP TABLE IF EXISTS pbmc_train, pbmc_test, pbmc3k, pbmc3k_genes, kang_genes, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results, kang_ref, kang_ref_no_b, label_map, pbmc_transfer, pbmc_transfer_no_b, pbmc_transfer_map;
+DROP TABLE IF EXISTS joint_train, pbmc_train, pbmc_test, pbmc3k, pbmc3k_genes, kang_genes, kang, kang_train, kang_test, pbmc_genes, pbmc_map, demo_results, kang_ref, kang_ref_no_b, label_map, pbmc_transfer, pbmc_transfer_no_b, pbmc_transfer_map;
 SELECT exceiver.drop_model(name) FROM exceiver.models WHERE name LIKE 'demo\_%';
 CREATE TABLE demo_results (step int, what text, value text);
 
@@ -57,19 +57,31 @@ FROM exceiver.train('demo_kang', 'kang_train', :'train_opts');
 SET client_min_messages = warning;
 SELECT model FROM exceiver.train('demo_random', 'kang_train', (:'train_opts'::jsonb || '{"epochs": 0}')::jsonb);
 SET client_min_messages = notice;
+\echo '-- a second model with the same options on Kang''s 80% and PBMC 3k together, without labels:'
+\echo '-- as a user trains on all their cells, those they will query included (as PCA is fit on them)'
+CREATE TABLE joint_train AS
+SELECT cell_id, genes, counts FROM kang_train UNION ALL SELECT cell_id, genes, counts FROM pbmc3k;
+\timing on
+SELECT model, epochs, steps, round(best_val_mse::numeric, 4) AS best_val_mse, round(seconds::numeric) AS seconds
+FROM exceiver.train('demo_joint', 'joint_train', :'train_opts');
+\timing off
 INSERT INTO demo_results
 SELECT 2, 'pretraining: validation MSE (per-gene-mean baseline)',
        round((metrics->>'best_val_mse')::numeric, 4) || ' (' || round((metrics->>'baseline_val_mse')::numeric, 4) || ')'
 FROM exceiver.models WHERE name = 'demo_kang' UNION ALL
 SELECT 2, 'pretraining: epochs, seconds, training cells/s',
        (metrics->>'epochs') || ', ' || round((metrics->>'seconds')::numeric) || ', ' || round((metrics->>'train_cells_per_s')::numeric)
-FROM exceiver.models WHERE name = 'demo_kang';
+FROM exceiver.models WHERE name = 'demo_kang' UNION ALL
+SELECT 2, 'pretraining on Kang + PBMC 3k: epochs, seconds, training cells/s',
+       (metrics->>'epochs') || ', ' || round((metrics->>'seconds')::numeric) || ', ' || round((metrics->>'train_cells_per_s')::numeric)
+FROM exceiver.models WHERE name = 'demo_joint';
 
 \echo
 \echo '== 3. Embed PBMC 3k (never seen in training) and its genes into pgvector, HNSW indexes'
 \timing on
 SELECT * FROM exceiver.embed_table('demo_kang', 'pbmc3k', 'emb');
 SELECT * FROM exceiver.embed_table('demo_random', 'pbmc3k', 'emb_random');
+SELECT * FROM exceiver.embed_table('demo_joint', 'pbmc3k', 'emb_joint');
 CREATE INDEX ON pbmc3k USING hnsw (emb vector_cosine_ops);
 CREATE TABLE pbmc_genes AS SELECT * FROM exceiver.gene_embeddings('demo_kang');
 -- an index needs the dimension in the column type
@@ -92,6 +104,8 @@ SELECT cells, genes, components, round(variance_explained::numeric, 3) AS varian
 FROM exceiver.pca_embed('pbmc3k', 'pca');
 CREATE TEMP TABLE knn AS
 SELECT 'exceiver pretrained on Kang' AS embedding, * FROM exceiver.evaluate_embeddings('pbmc3k', 'emb', 'seurat_annotations', 15)
+UNION ALL
+SELECT 'exceiver pretrained on Kang + PBMC 3k (no labels)', * FROM exceiver.evaluate_embeddings('pbmc3k', 'emb_joint', 'seurat_annotations', 15)
 UNION ALL
 SELECT 'same model, random weights', * FROM exceiver.evaluate_embeddings('pbmc3k', 'emb_random', 'seurat_annotations', 15)
 UNION ALL
@@ -161,27 +175,32 @@ FROM stim_acc ORDER BY frac, init;
 
 \echo
 \echo '== 5b. Fine-tuning on a dataset the model never saw: PBMC 3k cell types, 80/20'
-\echo '-- finetune with default options (pretrained on Kang, and from random weights) beside'
-\echo '-- logistic regression on PBMC 3k''s PCA and on the model''s own embedding (linear probes)'
-CREATE TABLE pbmc_train AS SELECT cell_id, genes, counts, seurat_annotations, pca, emb FROM pbmc3k
+\echo '-- finetune with default options (pretrained on Kang; pretrained on Kang + PBMC 3k without'
+\echo '-- labels; from random weights) beside logistic regression on PBMC 3k''s PCA and on each'
+\echo '-- pretrained model''s embedding (linear probes)'
+CREATE TABLE pbmc_train AS SELECT cell_id, genes, counts, seurat_annotations, pca, emb, emb_joint FROM pbmc3k
  WHERE seurat_annotations IS NOT NULL AND abs(hashtext(cell_id)) % 5 <> 0;
-CREATE TABLE pbmc_test AS SELECT cell_id, genes, counts, seurat_annotations, pca, emb FROM pbmc3k
+CREATE TABLE pbmc_test AS SELECT cell_id, genes, counts, seurat_annotations, pca, emb, emb_joint FROM pbmc3k
  WHERE seurat_annotations IS NOT NULL AND abs(hashtext(cell_id)) % 5 = 0;
 SET client_min_messages = warning;
 CREATE TEMP TABLE pbmc_ft AS
-SELECT init, (SELECT model FROM exceiver.finetune('demo_kang', 'demo_pbmc_' || init, 'pbmc_train', 'seurat_annotations',
-                   jsonb_build_object('init', init))) AS model
-FROM (VALUES ('pretrained'), ('random')) i(init);
+SELECT what, (SELECT model FROM exceiver.finetune(base, name, 'pbmc_train', 'seurat_annotations', opts)) AS model
+FROM (VALUES ('pretrained on Kang', 'demo_kang', 'demo_pbmc_pretrained', '{}'::jsonb),
+             ('pretrained on Kang + PBMC 3k', 'demo_joint', 'demo_pbmc_joint', '{}'::jsonb),
+             ('random weights', 'demo_kang', 'demo_pbmc_random', '{"init": "random"}'::jsonb)) v(what, base, name, opts);
 CREATE TEMP TABLE pbmc_acc AS
-SELECT 'finetune, ' || f.init AS what, e.accuracy, e.macro_f1, e.ece,
+SELECT 'finetune, ' || f.what AS what, e.accuracy, e.macro_f1, e.ece,
        (SELECT (metrics->>'epochs')::int FROM exceiver.model_catalog WHERE name = f.model) AS epochs
 FROM pbmc_ft f, exceiver.evaluate_classifier(f.model, 'pbmc_test', 'seurat_annotations') e
 UNION ALL
 SELECT 'PCA-logistic', accuracy, macro_f1, ece, NULL
 FROM exceiver.linear_probe('pbmc_train', 'pbmc_test', 'seurat_annotations', 'pca')
 UNION ALL
-SELECT 'logistic on the pretrained embedding', accuracy, macro_f1, ece, NULL
-FROM exceiver.linear_probe('pbmc_train', 'pbmc_test', 'seurat_annotations', 'emb');
+SELECT 'logistic on the embedding pretrained on Kang', accuracy, macro_f1, ece, NULL
+FROM exceiver.linear_probe('pbmc_train', 'pbmc_test', 'seurat_annotations', 'emb')
+UNION ALL
+SELECT 'logistic on the embedding pretrained on Kang + PBMC 3k', accuracy, macro_f1, ece, NULL
+FROM exceiver.linear_probe('pbmc_train', 'pbmc_test', 'seurat_annotations', 'emb_joint');
 SET client_min_messages = notice;
 SELECT what, round(accuracy::numeric, 3) AS test_accuracy, round(macro_f1::numeric, 3) AS macro_f1,
        round(ece::numeric, 3) AS ece, epochs FROM pbmc_acc ORDER BY accuracy DESC;
