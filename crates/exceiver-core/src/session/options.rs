@@ -569,7 +569,7 @@ impl Options {
                "profile_path": if self.parent.is_some() { Value::Null } else { json!(self.profile_path.unwrap_or(false)) },
                "max_cells": self.max_cells, "parent": self.parent,
                "lr_schedule": if self.cosine { "cosine" } else { "constant" },
-               "head_first": self.head_first})
+               "head_first": self.head_first()})
     }
 }
 
