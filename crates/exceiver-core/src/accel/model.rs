@@ -225,8 +225,7 @@ impl DeviceModel {
             let lat = self.latent(inp)?;
             scatter(&lat, idx, nd, &mut embedding)?;
             let lists: Vec<Vec<u32>> = idx.iter().map(|&i| queries[i].to_vec()).collect();
-            // the class token is a decoder row unless the class head reads the embedding
-            let token = classes.is_some() && !self.cfg.class_embedding;
+            let token = classes.is_some() && self.cfg.class_token();
             if let (Some(c), Some(out), false) = (classes, logits.as_mut(), token) {
                 self.class_logits(&lat.flatten_from(1)?, idx, c, out)?;
             }

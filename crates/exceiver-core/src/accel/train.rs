@@ -524,8 +524,7 @@ impl DeviceTrainer {
             .iter()
             .map(|&i| cells[i].mask.iter().map(|&p| cells[i].genes[p]).collect())
             .collect();
-        // the class token is a decoder row unless the class head reads the embedding
-        let token = classes.is_some() && !cfg.class_embedding;
+        let token = cfg.class_token();
         let (rows, qm) = pack_queries(cfg, &lists, token);
         let b = idx.len();
         let width = qm + usize::from(token);

@@ -175,6 +175,12 @@ impl Config {
         }
     }
 
+    /// Whether a classifier queries its class token through the decoder (one extra
+    /// decoder row per cell): a classifier whose head does not read the embedding.
+    pub fn class_token(&self) -> bool {
+        self.num_classes.is_some() && !self.class_embedding
+    }
+
     /// Rows of `value_emb`: 0 without a value embedding, 1 shared, or one per
     /// embedding row with [`Config::value_per_gene`].
     pub fn value_rows(&self) -> usize {

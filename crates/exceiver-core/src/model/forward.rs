@@ -441,8 +441,7 @@ impl Exceiver {
             let embedding = ws.x[..nd].to_vec();
             let mut rows: Vec<u32> = query_ids.to_vec();
             let class = with_class && self.params.class_head.is_some();
-            // the class token is a decoder row unless the head reads the embedding
-            let class_row = class && !self.cfg.class_embedding;
+            let class_row = class && self.cfg.class_token();
             if class_row {
                 rows.push((g + 1) as u32);
             }

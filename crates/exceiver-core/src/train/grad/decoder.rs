@@ -20,7 +20,7 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc)
     let g_mask = cfg.seq_len as u32;
 
     let nmask = cell.mask.len();
-    let class = class_row(sh);
+    let class = cfg.class_token();
     let nq = nmask + usize::from(class);
     let dec_p = &p.decoder;
     let dw = &dec_p.attn.in_proj_weight;
@@ -113,12 +113,6 @@ pub(super) fn forward(sh: &Shared, cell: &TrainCell, ws: &mut Ws, acc: &mut Acc)
     }
 }
 
-/// Whether the classifier's class token is a decoder row (a class head that reads the
-/// cell embedding has none).
-fn class_row(sh: &Shared) -> bool {
-    sh.cfg.num_classes.is_some() && !sh.cfg.class_embedding
-}
-
 /// Backward of [`forward`]: the losses through the heads and the decoder; leaves
 /// ∂ of the cell embedding in `ws.gt2`.
 pub(super) fn backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, acc: &mut Acc) {
@@ -126,7 +120,7 @@ pub(super) fn backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, a
     let tk = TrainKernels::get();
     let (d, n, ch, chd, npad) = (sh.d, sh.n, sh.ch, sh.chd, sh.npad);
     let nmask = cell.mask.len();
-    let nq = nmask + usize::from(class_row(sh));
+    let nq = nmask + usize::from(sh.cfg.class_token());
     let dec_p = &p.decoder;
     let dw = &dec_p.attn.in_proj_weight;
     heads_backward(sh, cell, norm, ws, acc);
@@ -270,7 +264,7 @@ fn heads_backward(sh: &Shared, cell: &TrainCell, norm: Norm, ws: &mut Ws, acc: &
     let p = sh.p;
     let d = sh.d;
     let nmask = cell.mask.len();
-    let class = class_row(sh);
+    let class = cfg.class_token();
     let nq = nmask + usize::from(class);
     let pred = &ws.pred[..nmask];
     let targets = &ws.targets[..nmask];
