@@ -206,3 +206,41 @@ fn early_stopping_counts_patience_only_after_the_warm_up() {
     // a warm-up of 20 steps ends with epoch 4: epochs 2 and 3 do not count
     assert_eq!(still(20), 5);
 }
+
+#[test]
+fn head_first_on_the_embedding_trains_the_head_on_stored_embeddings() {
+    let (base, _) = run(tiny(), None, None);
+    let (c, notes) = run(
+        json!({"batch_size": 32, "max_cells": 3000, "class_readout": "embedding", "head_first": true,
+               "learning_rate": 3e-3, "epochs": 60}),
+        Some("stim"),
+        Some(start_of(&base)),
+    );
+    assert!(
+        notes.iter().any(|n| n.starts_with(
+            "head first: the frozen model embedded 3000 training and 1333 validation cells"
+        )),
+        "{notes:?}"
+    );
+    let head = c.metrics["head_epochs"].as_u64().unwrap() as usize;
+    let phases: Vec<bool> = c.history.iter().map(|h| h["head_only"] == true).collect();
+    assert!(
+        head > 0 && head <= c.epochs,
+        "{head} of {} epochs",
+        c.epochs
+    );
+    // the head's epochs come first, each with its validation cross-entropy
+    assert!(phases[..head].iter().all(|&p| p) && !phases[head..].iter().any(|&p| p));
+    let ce = losses(&c, "val_ce");
+    assert_eq!(ce.len(), c.epochs);
+    eprintln!("validation cross-entropy by epoch: {ce:?} ({head} of the head alone)");
+    assert!(
+        ce[..head].iter().copied().fold(f64::INFINITY, f64::min) < 0.6,
+        "{ce:?}"
+    );
+    // the backbone moved only after the head phase: its embedding rows are the base's
+    // exactly when the whole model never improved on the head alone
+    let best = ce.iter().copied().fold(f64::INFINITY, f64::min);
+    let same = c.params.query_emb == base.params.query_emb;
+    assert_eq!(same, ce[..head].contains(&best), "{ce:?}");
+}

@@ -65,10 +65,15 @@ SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_rand', 'kang_sma
 -- a class head that reads the cell embedding instead of the class token
 SELECT model, classes FROM exceiver.finetune('tiny', 'tiny_stim_emb', 'kang_small', 'stim', '{"epochs": 1, "batch_size": 32, "class_readout": "embedding"}');
 -- the head alone first (the pretrained model frozen), then the whole model (LP-FT)
-SELECT model, epochs FROM exceiver.finetune('tiny', 'tiny_stim_hf', 'kang_small', 'stim', '{"epochs": 3, "batch_size": 32, "warmup_steps": 0, "patience": 1, "head_first": true}');
+SELECT model FROM exceiver.finetune('tiny', 'tiny_stim_hf', 'kang_small', 'stim', '{"epochs": 3, "batch_size": 32, "warmup_steps": 0, "patience": 1, "head_first": true}');
+-- the head on the embedding, no gene masked: the head trains alone on embeddings the
+-- frozen model computed once (for "epochs" epochs or 3,000 steps), then the whole model
+SELECT model FROM exceiver.finetune('tiny', 'tiny_stim_hfe', 'kang_small', 'stim', '{"epochs": 3, "batch_size": 32, "warmup_steps": 0, "patience": 1, "head_first": true, "class_readout": "embedding"}');
 RESET client_min_messages;
-SELECT (metrics->>'head_epochs')::int BETWEEN 1 AND 3 AS head_trained_first, metrics->'options'->>'head_first' AS head_first
-FROM exceiver.model_catalog WHERE name = 'tiny_stim_hf';
+SELECT name, (metrics->>'head_epochs')::int >= 1 AS head_trained_first, metrics->'options'->>'head_first' AS head_first,
+       (SELECT count(*) FROM jsonb_array_elements(history) h WHERE h->>'head_only' = 'true') = (metrics->>'head_epochs')::int AS head_epochs_in_history,
+       (metrics->>'epochs')::int - (metrics->>'head_epochs')::int BETWEEN 0 AND 3 AS whole_model_epochs
+FROM exceiver.model_catalog WHERE name IN ('tiny_stim_hf', 'tiny_stim_hfe') ORDER BY name;
 -- finetune's class head reads the class token unless asked for the embedding
 SELECT name, config->>'class_embedding' AS class_embedding FROM exceiver.model_catalog WHERE name IN ('tiny_stim', 'tiny_stim_emb') ORDER BY name;
 SELECT exceiver.classify('tiny_stim_emb', genes, counts) IN ('CTRL', 'STIM') AS is_label FROM kang_small LIMIT 1;

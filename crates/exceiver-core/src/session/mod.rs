@@ -20,6 +20,7 @@
 //!    and training stops after `patience` epochs without improvement (epochs that end
 //!    within the learning-rate warm-up do not count).
 
+mod head;
 mod options;
 mod source;
 
@@ -494,6 +495,34 @@ struct Val {
     cells: usize,
 }
 
+impl Val {
+    /// The objective being minimised, on the validation cells, and what the epoch's
+    /// progress line adds about it (`closs`: the epoch's training contrastive loss).
+    fn score(&self, classifier: bool, contrast: f64, closs: f64) -> (f64, String) {
+        let v = self;
+        let score = if classifier && v.mse.is_finite() {
+            v.mse + v.ce
+        } else if classifier {
+            v.ce
+        } else if contrast > 0.0 && v.contrastive.is_finite() {
+            v.mse + contrast * v.contrastive
+        } else {
+            v.mse
+        };
+        let extra = if classifier {
+            format!(", validation CE {:.4}", v.ce)
+        } else if contrast > 0.0 {
+            format!(
+                ", contrastive loss {closs:.4} (validation {:.4})",
+                v.contrastive
+            )
+        } else {
+            String::new()
+        };
+        (score, extra)
+    }
+}
+
 /// Step 3b: validation with fixed masks (the same seed every pass), the baseline's MSE
 /// and, when training contrastively, the NT-Xent loss of fixed views.
 fn validate(
@@ -654,14 +683,17 @@ struct Patience {
 }
 
 impl Patience {
-    /// Freezes all but the head of a classifier pretrained elsewhere when `head_first`.
+    /// Freezes all but the head of a classifier pretrained elsewhere when `head_first`,
+    /// unless the head already trained alone for `head_epochs` epochs on stored
+    /// embeddings ([`head_phase`]).
     fn start(
         o: &Options,
         classifier: bool,
+        head_epochs: usize,
         trainer: &mut dyn Stepper,
         progress: &mut dyn Progress,
     ) -> Result<Patience> {
-        let head_only = classifier && o.head_first() && !o.init_random;
+        let head_only = classifier && o.head_first() && !o.init_random && head_epochs == 0;
         if head_only {
             trainer.set_head_only(true)?;
             progress.notice(&format!("head first: the class head and class token train alone until validation stops improving for {} epochs, then the whole model", o.patience));
@@ -670,7 +702,7 @@ impl Patience {
             limit: o.patience,
             bad: 0,
             head_only,
-            head_epochs: 0,
+            head_epochs,
         })
     }
 
@@ -722,6 +754,74 @@ impl Patience {
             self.head_epochs
         }
     }
+}
+
+/// What the head-first phase on stored embeddings left.
+struct HeadDone {
+    history: Vec<Value>,
+    best_ce: f64,
+    epochs: usize,
+}
+
+/// `head_first` on stored embeddings ([`head`]): the frozen model embeds the training
+/// and validation cells once, the class head trains on them, and the best epoch's head
+/// goes into `start`, from which the whole model then trains. `None` (the head then
+/// trains inside the frozen model) when there are no validation cells to stop on.
+fn head_phase(
+    src: &mut dyn CellSource,
+    start: &mut Start,
+    b: &Batcher,
+    task: &Task,
+    progress: &mut dyn Progress,
+) -> Result<Option<HeadDone>> {
+    let o = task.opts;
+    let t0 = Instant::now();
+    let model = head::frozen(&start.cfg, &start.params, b.data.scaler.zero_fill())?;
+    let train = head::embed_pass(src, b, &model, Pass::Training, task.threads, progress)?;
+    let val = head::embed_pass(src, b, &model, Pass::Validation, task.threads, progress)?;
+    drop(model);
+    if train.len() == 0 || val.len() == 0 {
+        return Ok(None);
+    }
+    let (Some(h), n) = (start.params.class_head.take(), train.len()) else {
+        return Err(Error::internal("a classifier without a class head"));
+    };
+    progress.notice(&format!(
+        "head first: the frozen model embedded {n} training and {} validation cells in {:.1} s; the class head trains alone on them until validation stops improving for {} epochs, then the whole model",
+        val.len(),
+        t0.elapsed().as_secs_f64(),
+        o.patience
+    ));
+    let topts = TrainOpts {
+        lr: o.learning_rate,
+        weight_decay: o.weight_decay,
+        warmup_steps: o.warmup_steps,
+        threads: task.threads,
+        ..TrainOpts::default()
+    };
+    let fit = head::fit(h, &train, &val, o, &topts, o.epochs, progress)?;
+    start.params.class_head = Some(fit.head);
+    let epochs = fit.epochs.len();
+    let history = fit
+        .epochs
+        .iter()
+        .enumerate()
+        .map(|(e, (tr, ce))| {
+            json!({"epoch": e + 1, "step": 0, "train_loss": tr, "val_mse": null, "val_ce": ce,
+                   "head_only": true, "seconds": t0.elapsed().as_secs_f64()})
+        })
+        .collect();
+    progress.notice(&format!(
+        "the head alone: best validation CE {:.4} in {epochs} epochs ({:.1} s); from epoch {} the whole model trains from it",
+        fit.best_ce,
+        t0.elapsed().as_secs_f64(),
+        epochs + 1
+    ));
+    Ok(Some(HeadDone {
+        history,
+        best_ce: fit.best_ce,
+        epochs,
+    }))
 }
 
 /// Optimiser steps in one epoch of the training cells.
@@ -796,7 +896,7 @@ pub fn train(
 ) -> Result<Trained> {
     let o = task.opts;
     let t0 = Instant::now();
-    let start = task.start.take();
+    let mut start = task.start.take();
     let (data, cfg) = prepare(src, o, start.as_ref(), progress)?;
     let classifier = task.labels.is_some();
     // contrastive views: plain Exceiver models only
@@ -805,8 +905,6 @@ pub fn train(
     } else {
         o.contrastive.unwrap_or(0.0)
     };
-    let mut trainer = trainer_for(&task, start, cfg, &data, contrast)?;
-    let cfg = trainer.config().clone();
     let batcher = Batcher {
         data: &data,
         labels: task
@@ -816,6 +914,14 @@ pub fn train(
         keep: o.keep(),
         depth: o.depth(),
     };
+    let head_done = match start.as_mut() {
+        Some(s) if head::on_embeddings(o, &s.cfg, data.n_mask, data.train_cells) => {
+            head_phase(src, s, &batcher, &task, progress)?
+        }
+        _ => None,
+    };
+    let mut trainer = trainer_for(&task, start, cfg, &data, contrast)?;
+    let cfg = trainer.config().clone();
     let steps_per_epoch = steps_per_epoch(&data, o);
     progress.notice(&start_line(
         &task,
@@ -826,6 +932,16 @@ pub fn train(
         steps_per_epoch,
         trainer.as_ref(),
     ));
+    // after a head phase on stored embeddings: its epochs, and its best head as the best
+    // weights so far
+    let (mut history, mut best, first) = match head_done {
+        Some(h) => (
+            h.history,
+            Some((h.best_ce, trainer.params()?.into_owned())),
+            h.epochs,
+        ),
+        None => (Vec::new(), None, 0),
+    };
     let mut clock = Clock {
         step: 0,
         total_steps: steps_per_epoch * o.epochs as u64,
@@ -833,11 +949,14 @@ pub fn train(
         t0: Instant::now(),
         train_time: 0.0,
     };
-    let mut history: Vec<Value> = Vec::new();
-    let mut best: Option<(f64, Params)> = None;
-    let (mut baseline_val, mut epochs_done) = (f64::NAN, 0usize);
-    let mut patience = Patience::start(o, classifier, trainer.as_mut(), progress)?;
-    for e in 0..o.epochs {
+    let (mut baseline_val, mut epochs_done) = (f64::NAN, first);
+    let mut patience = Patience::start(o, classifier, first, trainer.as_mut(), progress)?;
+    // each phase has up to `epochs` epochs: the whole model's start when the head's end
+    let mut limit = first + o.epochs;
+    for e in first.. {
+        if e >= limit {
+            break;
+        }
         let (train_loss, closs) = epoch(
             src,
             trainer.as_mut(),
@@ -851,31 +970,14 @@ pub fn train(
         let v = validate(src, trainer.as_mut(), &batcher, o, contrast, progress)?;
         baseline_val = v.base;
         epochs_done = e + 1;
-        history.push(history_entry(
-            e, &clock, train_loss, closs, &v, classifier, contrast,
-        ));
-        // the objective being minimised, on the validation cells
-        let score = if classifier && v.mse.is_finite() {
-            v.mse + v.ce
-        } else if classifier {
-            v.ce
-        } else if contrast > 0.0 && v.contrastive.is_finite() {
-            v.mse + contrast * v.contrastive
-        } else {
-            v.mse
-        };
-        let extra = if classifier {
-            format!(", validation CE {:.4}", v.ce)
-        } else if contrast > 0.0 {
-            format!(
-                ", contrastive loss {closs:.4} (validation {:.4})",
-                v.contrastive
-            )
-        } else {
-            String::new()
-        };
+        let mut h = history_entry(e, &clock, train_loss, closs, &v, classifier, contrast);
+        if patience.head_only {
+            h["head_only"] = json!(true);
+        }
+        history.push(h);
+        let (score, extra) = v.score(classifier, contrast, closs);
         progress.notice(&epoch_line(
-            (e + 1, o.epochs),
+            (e + 1, limit),
             train_loss,
             &v,
             &extra,
@@ -894,8 +996,13 @@ pub fn train(
         // judged before its learning rate has arrived (a few labelled cells make
         // epochs of one or two steps)
         let counts = clock.step >= o.warmup_steps;
+        let head_only = patience.head_only;
         if patience.stop(improved, counts, e, trainer.as_mut(), progress)? {
             break;
+        }
+        if head_only && !patience.head_only {
+            limit = e + 1 + o.epochs;
+            clock.total_steps = clock.step + steps_per_epoch * o.epochs as u64;
         }
     }
     let head_epochs = patience.head_epochs(epochs_done);

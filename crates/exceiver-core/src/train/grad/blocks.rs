@@ -106,7 +106,7 @@ pub(super) fn mlp_bwd(
 }
 
 /// An output head `L2(GELU(L1(LN(x))))` on rows of width d; out gets rows·C values.
-pub(super) fn head_fwd(p: &HeadParams, x: &[f32], d: usize, c: &mut HeadWs, out: &mut [f32]) {
+pub(crate) fn head_fwd(p: &HeadParams, x: &[f32], d: usize, c: &mut HeadWs, out: &mut [f32]) {
     let rows = x.len() / d;
     let k = p.linear1.out_dim;
     let hn = buf(&mut c.hn, rows * d);
@@ -134,7 +134,8 @@ pub(super) fn head_fwd(p: &HeadParams, x: &[f32], d: usize, c: &mut HeadWs, out:
     );
 }
 
-pub(super) fn head_bwd(
+/// The backward of [`head_fwd`]: accumulates into `g`, writes `dx` (rows·d).
+pub(crate) fn head_bwd(
     p: &HeadParams,
     g: &mut HeadParams,
     c: &HeadWs,

@@ -37,8 +37,9 @@ mod encoder;
 mod process;
 mod state;
 
-pub(crate) use state::ThreadState;
+pub(crate) use blocks::{head_bwd, head_fwd};
 use state::{Acc, Shared, Ws};
+pub(crate) use state::{HeadWs, ThreadState};
 
 use super::{StepStats, TrainCell};
 use crate::error::{Error, Result};

@@ -252,8 +252,9 @@ pub(super) struct MlpWs {
     pub(super) t3: Vec<f32>,
 }
 
+/// What an output head's forward keeps for its backward ([`super::head_fwd`]).
 #[derive(Default)]
-pub(super) struct HeadWs {
+pub(crate) struct HeadWs {
     pub(super) xhat: Vec<f32>,
     pub(super) rstd: Vec<f32>,
     pub(super) hn: Vec<f32>,
