@@ -19,10 +19,6 @@ use crate::train::TrainOpts;
 /// (a few labelled cells make epochs of one or two steps), early stopping permitting.
 pub(super) const MIN_HEAD_STEPS: usize = 3000;
 
-/// Stored embeddings above this many floats (4 GiB) are not kept: the head then
-/// trains inside the frozen model, epoch by epoch.
-pub(super) const MAX_FEATURE_FLOATS: u64 = 1 << 30;
-
 /// Cells of one pass, embedded by the frozen model: `x` is `n × dim`, `y` the labels.
 pub(super) struct Features {
     pub x: Vec<f32>,
@@ -237,15 +233,19 @@ fn adam(
 }
 
 /// Whether the head-first phase can run on stored embeddings: a classifier pretrained
-/// elsewhere whose head reads the embedding, with no gene masked and the embeddings of
-/// `cells` cells within [`MAX_FEATURE_FLOATS`].
-pub(super) fn on_embeddings(o: &Options, cfg: &Config, n_mask: usize, cells: u64) -> bool {
+/// elsewhere whose head reads the embedding, with no gene masked, and the embeddings of
+/// its `train_cells` training cells and their validation cells within a quarter of the
+/// memory budget ([`crate::limits::max_bytes`]; beyond it the head trains inside the
+/// frozen model, epoch by epoch).
+pub(super) fn on_embeddings(o: &Options, cfg: &Config, n_mask: usize, train_cells: u64) -> bool {
+    let cells = train_cells as f64 / (1.0 - o.val_fraction).max(0.01);
+    let bytes = cells * cfg.embedding_len() as f64 * 4.0;
     o.head_first()
         && !o.init_random
         && cfg.num_classes.is_some()
         && cfg.class_embedding
         && n_mask == 0
-        && cells.saturating_mul(cfg.embedding_len() as u64) <= MAX_FEATURE_FLOATS
+        && bytes <= crate::limits::max_bytes() as f64 / 4.0
 }
 
 /// The frozen model for embedding (the class head is not used).
@@ -346,6 +346,30 @@ mod tests {
         // the same seed, the same run
         let g = fit(head(3), &train, &val, &o, &topts(), 60, &mut Quiet).unwrap();
         assert_eq!(g.epochs, f.epochs);
+    }
+
+    #[test]
+    fn only_a_pretrained_head_on_the_embedding_of_whole_cells_trains_on_stored_embeddings() {
+        let mut cfg = Config::small(6);
+        cfg.num_classes = Some(3);
+        cfg.class_embedding = true;
+        let o = |v| Options::for_finetune(&v).unwrap();
+        let hf = json!({"head_first": true});
+        assert!(on_embeddings(&o(hf.clone()), &cfg, 0, 10_000));
+        assert!(!on_embeddings(&o(json!({})), &cfg, 0, 10_000));
+        assert!(!on_embeddings(
+            &o(json!({"head_first": true, "init": "random"})),
+            &cfg,
+            0,
+            10_000
+        ));
+        // masked genes change the embedding from epoch to epoch
+        assert!(!on_embeddings(&o(hf.clone()), &cfg, 12, 10_000));
+        // embeddings past a quarter of the memory budget
+        let past = crate::limits::max_bytes() / 4 / (4 * cfg.embedding_len() as u64);
+        assert!(!on_embeddings(&o(hf.clone()), &cfg, 0, past));
+        cfg.class_embedding = false;
+        assert!(!on_embeddings(&o(hf), &cfg, 0, 10_000));
     }
 
     #[test]
