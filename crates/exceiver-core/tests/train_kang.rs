@@ -9,7 +9,11 @@
 
 use exceiver_core::data::{h5ad, CellMatrix};
 use exceiver_core::device::Device;
-use exceiver_core::session::{self, InMemory, Options, Progress, Split, Start, Task, Trained};
+use exceiver_core::model::cell::Vocab;
+use exceiver_core::model::Exceiver;
+use exceiver_core::session::{
+    self, CellSource, InMemory, Options, Pass, Progress, Split, Start, Task, Trained,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -243,4 +247,49 @@ fn head_first_on_the_embedding_trains_the_head_on_stored_embeddings() {
     let best = ce.iter().copied().fold(f64::INFINITY, f64::min);
     let same = c.params.query_emb == base.params.query_emb;
     assert_eq!(same, ce[..head].contains(&best), "{ce:?}");
+}
+
+#[test]
+fn the_head_trained_on_stored_embeddings_is_the_one_the_model_scores() {
+    // no epoch for the whole model: the classifier is the base with the head phase's
+    // best head, and its validation cross-entropy, recomputed by inference on the
+    // validation cells, is the one the head phase stopped on
+    let (base, _) = run(tiny(), None, None);
+    let opts = json!({"batch_size": 32, "max_cells": 1000, "class_readout": "embedding",
+                      "head_first": true, "epochs": 0});
+    let (c, _) = run(opts.clone(), Some("stim"), Some(start_of(&base)));
+    assert_eq!(c.params.query_emb, base.params.query_emb);
+    assert_eq!(c.params.layers, base.params.layers);
+    let labels = c.labels.clone().unwrap();
+    let model = Exceiver::new(c.cfg.clone(), c.params.clone(), c.scaler.zero_fill()).unwrap();
+    let o = Options::for_finetune(&opts).unwrap();
+    let mut src = InMemory::new(kang(), "kang", &Split::from_options(&o), Some("stim")).unwrap();
+    let vocab = Vocab::new(c.genes.clone()).unwrap();
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    src.scan(Pass::Validation, 256, &vocab, &mut |cells| {
+        for cell in cells {
+            let y = labels
+                .iter()
+                .position(|l| Some(l) == cell.label.as_ref())
+                .unwrap();
+            let lg = model
+                .classify_logits(&cell.genes, &cell.model_values(&c.scaler))
+                .unwrap();
+            let mx = lg.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let se: f64 = lg.iter().map(|&v| (v as f64 - mx).exp()).sum();
+            sum += se.ln() + mx - lg[y] as f64;
+            n += 1;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let (ce, best) = (
+        sum / n as f64,
+        c.metrics["best_val_score"].as_f64().unwrap(),
+    );
+    eprintln!("{n} validation cells: cross-entropy {ce} by inference, {best} in the head phase");
+    assert!(
+        n > 100 && (ce - best).abs() <= 1e-4 * best,
+        "{ce} against {best}"
+    );
 }
