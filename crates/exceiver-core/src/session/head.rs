@@ -187,7 +187,7 @@ pub(super) fn fit(
             "head alone, epoch {}: train CE {train_ce:.4}, validation CE {val_ce:.4}",
             e + 1
         ));
-        if val_ce < best.0 {
+        if super::improves(val_ce, best.0) {
             best = (val_ce, head.clone());
             bad = 0;
         } else if step >= topts.warmup_steps {

@@ -670,6 +670,13 @@ fn epoch(
     Ok((loss_sum / n, closs_sum / n))
 }
 
+/// Whether a validation score improves on the best so far: lower by more than a
+/// millionth of it, so that rounding (which differs between CPUs' kernels) never
+/// counts as progress and early stopping decides the same everywhere.
+fn improves(score: f64, best: f64) -> bool {
+    score < best - 1e-6 * best.abs()
+}
+
 /// Early stopping, and a classifier's head-first phase (option `head_first`, LP-FT:
 /// Kumar et al., ICLR 2022): while only the head moves, `patience` epochs without
 /// improvement end that phase, and the whole model trains from the weights reached,
@@ -988,7 +995,7 @@ pub fn train(
             best = Some((train_loss, trainer.params()?.into_owned()));
             continue;
         }
-        let improved = best.as_ref().is_none_or(|(b, _)| score < *b);
+        let improved = best.as_ref().is_none_or(|(b, _)| improves(score, *b));
         if improved {
             best = Some((score, trainer.params()?.into_owned()));
         }
