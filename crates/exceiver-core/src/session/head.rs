@@ -4,8 +4,8 @@
 //! every cell the same embedding in every epoch, so the model runs once per cell and
 //! the head (`LN → Linear → GELU → Linear`) trains on the stored embeddings: seconds
 //! where an epoch of the whole model's forward and backward passes takes minutes. The
-//! head trains as it would inside the model: the same batches, learning rate, warm-up,
-//! Adam settings, validation cross-entropy and early stopping.
+//! head trains as it would inside the model: batches of the same size, learning rate,
+//! warm-up, Adam settings, validation cross-entropy and early stopping.
 
 use super::{Batcher, CellSource, Options, Pass, Progress};
 use crate::error::{Error, Result};
