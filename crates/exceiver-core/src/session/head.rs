@@ -11,9 +11,9 @@ use super::{Batcher, CellSource, Options, Pass, Progress};
 use crate::error::{Error, Result};
 use crate::model::rng::Rng;
 use crate::model::weights::HeadParams;
-use crate::model::{Config, Exceiver, Params};
+use crate::model::{Config, Exceiver};
 use crate::train::grad::{head_bwd, head_fwd, HeadWs};
-use crate::train::TrainOpts;
+use crate::train::{AdamStep, TrainOpts};
 
 /// The head alone trains for at least this many steps when `epochs` epochs are fewer
 /// (a few labelled cells make epochs of one or two steps), early stopping permitting.
@@ -204,8 +204,8 @@ pub(super) fn fit(
     })
 }
 
-/// One Adam update of the head (coupled weight decay, bias correction, the learning
-/// rate of step `step`), as the model's optimiser does it.
+/// One Adam update of the head, the model optimiser's ([`AdamStep`]) at the learning
+/// rate of step `step` (0-based).
 fn adam(
     head: &mut HeadParams,
     grads: &mut HeadParams,
@@ -214,21 +214,13 @@ fn adam(
     step: u64,
     o: &TrainOpts,
 ) {
-    let t = (step + 1).min(i32::MAX as u64) as i32;
-    let (b1, b2) = o.betas;
-    let step_size = (o.lr_at(step) / (1.0 - b1.powi(t))) as f32;
-    let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
-    let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, o.weight_decay as f32, o.eps as f32);
+    let a = AdamStep::new(o, o.lr_at(step), step + 1);
     let mut off = 0;
     for (p, g) in tensors(head).into_iter().zip(tensors(grads)) {
-        for (k, x) in p.iter_mut().enumerate() {
-            let i = off + k;
-            let gi = g[k] + wd * *x;
-            m[i] = b1 * m[i] + (1.0 - b1) * gi;
-            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-            *x -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
-        }
-        off += p.len();
+        let n = p.len();
+        let r = off..off + n;
+        off += n;
+        a.apply(p, g, &mut m[r.clone()], &mut v[r], 0..n);
     }
 }
 
@@ -246,11 +238,6 @@ pub(super) fn on_embeddings(o: &Options, cfg: &Config, n_mask: usize, train_cell
         && cfg.class_embedding
         && n_mask == 0
         && bytes <= crate::limits::max_bytes() as f64 / 4.0
-}
-
-/// The frozen model for embedding (the class head is not used).
-pub(super) fn frozen(cfg: &Config, params: &Params, zero_fill: Vec<f32>) -> Result<Exceiver> {
-    Exceiver::new(cfg.clone(), params.clone(), zero_fill)
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::cell::{RawCell, Vocab};
 use crate::model::rng::Rng;
-use crate::model::{AttentionMode, Config, Params};
+use crate::model::{AttentionMode, Config, Exceiver, Params};
 use crate::preprocess::{HvgFit, Scaler, ScalerFit};
 use crate::train::{
     init_for_scratch_training, mask_positions, n_mask_for, ProjectionHead, Stepper, TrainCell,
@@ -783,7 +783,12 @@ fn head_phase(
 ) -> Result<Option<HeadDone>> {
     let o = task.opts;
     let t0 = Instant::now();
-    let model = head::frozen(&start.cfg, &start.params, b.data.scaler.zero_fill())?;
+    // the frozen model (its class head unused)
+    let model = Exceiver::new(
+        start.cfg.clone(),
+        start.params.clone(),
+        b.data.scaler.zero_fill(),
+    )?;
     let train = head::embed_pass(src, b, &model, Pass::Training, task.threads, progress)?;
     let val = head::embed_pass(src, b, &model, Pass::Validation, task.threads, progress)?;
     drop(model);

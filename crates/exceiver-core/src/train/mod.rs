@@ -184,13 +184,7 @@ impl Adam {
             return Err(Error::internal("optimiser state does not match the model"));
         }
         self.t += 1;
-        let (b1, b2) = opts.betas;
-        let bc1 = 1.0 - b1.powi(self.t.min(i32::MAX as u64) as i32);
-        let bc2 = 1.0 - b2.powi(self.t.min(i32::MAX as u64) as i32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let (b1f, b2f) = (b1 as f32, b2 as f32);
-        let (wd, eps) = (opts.weight_decay as f32, opts.eps as f32);
+        let step = AdamStep::new(opts, lr, self.t);
         let mut off = 0;
         let (m, v, head_only) = (&mut self.m, &mut self.v, self.head_only);
         params.visit_mut(cfg, |name, _, p| {
@@ -199,22 +193,62 @@ impl Adam {
             } else {
                 0..p.len()
             };
-            for (k, x) in p.iter_mut().enumerate() {
-                let i = off + k;
-                let g = flat[i] + wd * *x;
-                m[i] = b1f * m[i] + (1.0 - b1f) * g;
-                v[i] = b2f * v[i] + (1.0 - b2f) * g * g;
-                if moves.contains(&k) {
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    *x -= step_size * m[i] / denom;
-                }
-            }
+            let r = off..off + p.len();
+            step.apply(p, &flat[r.clone()], &mut m[r.clone()], &mut v[r], moves);
             off += p.len();
             Ok(())
         })?;
         let (g, d) = (cfg.seq_len, cfg.seq_dim);
         params.gene_emb[g * d..(g + 1) * d].fill(0.0);
         Ok(())
+    }
+}
+
+/// The constants of Adam's update number `t` (1-based) at learning rate `lr`, with
+/// coupled weight decay, as `torch.optim.Adam`.
+pub(crate) struct AdamStep {
+    step_size: f32,
+    bc2_sqrt: f32,
+    b1: f32,
+    b2: f32,
+    wd: f32,
+    eps: f32,
+}
+
+impl AdamStep {
+    pub(crate) fn new(opts: &TrainOpts, lr: f64, t: u64) -> AdamStep {
+        let (b1, b2) = opts.betas;
+        let t = t.min(i32::MAX as u64) as i32;
+        AdamStep {
+            step_size: (lr / (1.0 - b1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            b1: b1 as f32,
+            b2: b2 as f32,
+            wd: opts.weight_decay as f32,
+            eps: opts.eps as f32,
+        }
+    }
+
+    /// Updates the moments `m`, `v` of all of tensor `x` from its gradient `g`, and
+    /// moves the values at the positions in `moves`.
+    pub(crate) fn apply(
+        &self,
+        x: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        moves: std::ops::Range<usize>,
+    ) {
+        let (b1, b2) = (self.b1, self.b2);
+        for (k, x) in x.iter_mut().enumerate() {
+            let g = g[k] + self.wd * *x;
+            m[k] = b1 * m[k] + (1.0 - b1) * g;
+            v[k] = b2 * v[k] + (1.0 - b2) * g * g;
+            if moves.contains(&k) {
+                let denom = v[k].sqrt() / self.bc2_sqrt + self.eps;
+                *x -= self.step_size * m[k] / denom;
+            }
+        }
     }
 }
 
