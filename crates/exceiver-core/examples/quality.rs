@@ -24,7 +24,10 @@
 //! ```
 //!
 //! After training it also scores other readouts of the same model (the latent after the
-//! encoder, after each process layer, the mean of the final latents).
+//! encoder, after each process layer, the mean of the final latents), and PCA of PBMC 3k
+//! over the model's own vocabulary (the baseline on the genes the model sees). Beside
+//! each fine-tuned classifier it prints logistic regression on PCA-50, on the scaled
+//! 2,000 variable genes PCA is computed from, and on the pretrained embedding.
 //!
 //! PBMC 3k is scored with the core's metrics (`exceiver_core::metrics`: kNN accuracy,
 //! macro-F1, NMI, ARI, ASW, AvgBIO), beside the standard baseline computed the same way
@@ -125,6 +128,15 @@ fn main() {
         "kang: {} epochs, best validation MSE {:.4} (per-gene-mean baseline {:.4}), {:.0} s, {:.1} cells/s",
         t.epochs, t.best_val, t.baseline_val, t.seconds, t.cells_per_s
     );
+    let pv = pca_over(&pbmc, Some(&t.genes), threads);
+    let pv: Vec<f32> = keep
+        .iter()
+        .flat_map(|&c| pv[c * 50..(c + 1) * 50].iter().copied())
+        .collect();
+    report(
+        "PCA over the model's vocabulary",
+        &score(&pv, 50, &labels, classes, k, threads),
+    );
     knn_report(&t, &pbmc, (&keep, &labels, classes), k, threads);
     if a.0.iter().any(|x| x == "--kang-labels") {
         kang_report(&t, &kang, k, threads);
@@ -215,28 +227,54 @@ fn pca_of_labelled(m: &CellMatrix, keep: &[usize], threads: usize) -> Vec<f32> {
 
 /// The standard baseline of every cell of `m`: 50 principal components (`cells × 50`).
 fn pca_baseline(m: &CellMatrix, threads: usize) -> Vec<f32> {
+    pca_over(m, None, threads)
+}
+
+/// The same over the genes of `only` (all of them that vary): the other genes' counts
+/// still count in each cell's library size.
+fn pca_over(m: &CellMatrix, only: Option<&[String]>, threads: usize) -> Vec<f32> {
+    let set: Option<std::collections::HashSet<&str>> =
+        only.map(|o| o.iter().map(|s| s.as_str()).collect());
     let opts = PcaOptions {
         threads,
         ..Default::default()
     };
-    let cell = |c: usize| {
+    // genes outside `only` summed into one pseudo-gene: `__rest` in the scan (selected,
+    // but absent from the second pass, so constant there and without variance)
+    let cell = |c: usize, rest: &'static str| {
         let (g, x) = m.cell(c);
-        (
-            g.iter()
-                .map(|&i| Some(m.genes[i as usize].as_str()))
-                .collect::<Vec<_>>(),
-            x.iter().map(|&v| Some(v)).collect::<Vec<_>>(),
-        )
+        let mut names = Vec::new();
+        let mut counts = Vec::new();
+        let mut other = 0f32;
+        for (&i, &v) in g.iter().zip(x) {
+            let n = m.genes[i as usize].as_str();
+            if set.as_ref().is_none_or(|s| s.contains(n)) {
+                names.push(Some(n));
+                counts.push(Some(v));
+            } else {
+                other += v;
+            }
+        }
+        if other > 0.0 {
+            names.push(Some(rest));
+            counts.push(Some(other));
+        }
+        (names, counts)
     };
     let mut scan = GeneScan::new();
     for c in 0..m.n_cells() {
-        let (g, x) = cell(c);
+        let (g, x) = cell(c, "__rest");
         scan.add_cell(&g, &x).unwrap();
     }
-    let sel = scan.select(opts.n_top_genes).unwrap();
+    let n_top = if only.is_some() {
+        usize::MAX / 4
+    } else {
+        opts.n_top_genes
+    };
+    let sel = scan.select(n_top).unwrap();
     let mut col = Collect::new(&sel, opts.max_value);
     for c in 0..m.n_cells() {
-        let (g, x) = cell(c);
+        let (g, x) = cell(c, "__not_selected");
         col.add_cell(&g, &x).unwrap();
     }
     pca::fit(&col, &opts, &mut |_, _| Ok(())).unwrap().scores
@@ -469,6 +507,8 @@ impl Labelled {
 fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value], threads: usize) {
     let split = Labelled::new(m, column);
     probe_line("logistic on PCA-50", &pca_baseline(m, threads), 50, &split);
+    let (x, g) = scaled_hvg(m);
+    probe_line("logistic on the scaled 2,000 variable genes", &x, g, &split);
     let cells = model_cells(base, m);
     let input: Vec<(&[u32], &[f32])> = cells
         .iter()
@@ -550,4 +590,43 @@ fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value],
             split.test.len()
         );
     }
+}
+/// The input of the standard baseline's PCA, densely: every cell's 2,000 variable genes,
+/// log-normalised, scaled and clipped at ±10 as `pca_embed` does (`cells × g`), for
+/// logistic regression on the genes themselves.
+fn scaled_hvg(m: &CellMatrix) -> (Vec<f32>, usize) {
+    let mut scan = GeneScan::new();
+    for c in 0..m.n_cells() {
+        let (g, x) = m.cell(c);
+        let names: Vec<_> = g
+            .iter()
+            .map(|&i| Some(m.genes[i as usize].as_str()))
+            .collect();
+        let counts: Vec<_> = x.iter().map(|&v| Some(v)).collect();
+        scan.add_cell(&names, &counts).unwrap();
+    }
+    let sel = scan.select(2000).unwrap();
+    let idx: std::collections::HashMap<&str, usize> = sel
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let g = sel.names.len();
+    let mut out = vec![0f32; m.n_cells() * g];
+    for c in 0..m.n_cells() {
+        let (gi, x) = m.cell(c);
+        let total: f64 = x.iter().map(|&v| v as f64).sum();
+        let row = &mut out[c * g..(c + 1) * g];
+        for (j, r) in row.iter_mut().enumerate() {
+            *r = ((-sel.mean[j] / sel.std[j]).clamp(-10.0, 10.0)) as f32;
+        }
+        for (&i, &v) in gi.iter().zip(x) {
+            if let Some(&j) = idx.get(m.genes[i as usize].as_str()) {
+                let y = (v as f64 / total * 1e4).ln_1p();
+                row[j] = (((y - sel.mean[j]) / sel.std[j]).clamp(-10.0, 10.0)) as f32;
+            }
+        }
+    }
+    (out, g)
 }
