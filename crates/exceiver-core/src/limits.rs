@@ -167,7 +167,10 @@ mod tests {
         );
 
         // with the hook on this thread: the host cancels 150 ms into jobs of 100 items of
-        // 20 ms each (2 s); they stop within an item, and the cancel goes on
+        // 40 ms each (4 s); they stop within an item of the next poll (50 ms), and the
+        // cancel goes on. The bounds leave room for a machine busy with other tests (once
+        // 68 items of 20 ms ran where about 20 do): the point is that the jobs stop long before
+        // their end
         set_interrupt_hook(Some(cancel_when_asked));
         let done = AtomicUsize::new(0);
         let t0 = Instant::now();
@@ -183,7 +186,7 @@ mod tests {
                         if stop.load(Ordering::Relaxed) {
                             return false;
                         }
-                        std::thread::sleep(Duration::from_millis(20));
+                        std::thread::sleep(Duration::from_millis(40));
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     true
@@ -199,8 +202,8 @@ mod tests {
             payload.downcast_ref::<&str>(),
             Some(&"cancelled by the host")
         );
-        assert!(took < Duration::from_secs(1), "stopped after {took:?}");
+        assert!(took < Duration::from_secs(2), "stopped after {took:?}");
         let n = done.load(Ordering::Relaxed);
-        assert!((2..60).contains(&n), "{n} of 200 items ran");
+        assert!((2..100).contains(&n), "{n} of 200 items ran");
     }
 }
