@@ -168,9 +168,9 @@ mod tests {
 
         // with the hook on this thread: the host cancels 150 ms into jobs of 100 items of
         // 40 ms each (4 s); they stop within an item of the next poll (50 ms), and the
-        // cancel goes on. The bounds leave room for a machine busy with other tests (once
-        // 68 items of 20 ms ran where about 20 do): the point is that the jobs stop long before
-        // their end
+        // cancel goes on. The bounds leave room for a machine busy with other tests
+        // (once 68 items of 20 ms ran where about 20 do): the point is that the jobs
+        // stop long before their end
         set_interrupt_hook(Some(cancel_when_asked));
         let done = AtomicUsize::new(0);
         let t0 = Instant::now();
