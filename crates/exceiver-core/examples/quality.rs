@@ -591,6 +591,7 @@ fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value],
         );
     }
 }
+
 /// The input of the standard baseline's PCA, densely: every cell's 2,000 variable genes,
 /// log-normalised, scaled and clipped at ±10 as `pca_embed` does (`cells × g`), for
 /// logistic regression on the genes themselves.
