@@ -20,6 +20,8 @@
 //!                        what the recipe reaches in-domain
 //!   --kang-labels        also score Kang's `cell_type` (PCA of Kang beside the model's
 //!                        embedding): a second labelled dataset, not the one tuned on
+//!   --probe-c 1.0        inverse L2 penalty of the logistic regressions printed beside
+//!                        fine-tuned classifiers (`exceiver.linear_probe`'s `C`)
 //!   --threads 2 --k 15
 //! ```
 //!
@@ -42,7 +44,7 @@
 use exceiver_core::data::{h5ad, tenx, CellMatrix, ObsColumn, ObsValues};
 use exceiver_core::device::Device;
 use exceiver_core::metrics::{self, EvalOptions, Evaluation};
-use exceiver_core::model::cell::Vocab;
+use exceiver_core::model::cell::{RawCell, Vocab};
 use exceiver_core::model::{AttentionMode, Exceiver};
 use exceiver_core::pca::{self, Collect, GeneScan, PcaOptions};
 use exceiver_core::probe::{self, ProbeOptions};
@@ -75,6 +77,13 @@ fn main() {
     let a = Args(std::env::args().collect());
     let threads: usize = a.get("--threads", 2);
     let k: usize = a.get("--k", 15);
+    let probe = ProbeOptions {
+        c: a.get("--probe-c", 1.0),
+        ..ProbeOptions::default()
+    };
+    probe
+        .check()
+        .unwrap_or_else(|e| panic!("--probe-c: {}", e.message));
     let opts = Options::for_train(
         &a.json("--options")
             .unwrap_or(serde_json::json!({"preset": "small"})),
@@ -143,10 +152,17 @@ fn main() {
     }
 
     if let Some(v) = a.json("--stim") {
-        finetune_report(&t, &kang, "stim", &option_sets(v), threads);
+        finetune_report(&t, &kang, "stim", &option_sets(v), &probe, threads);
     }
     if let Some(v) = a.json("--finetune") {
-        finetune_report(&t, &pbmc, "seurat_annotations", &option_sets(v), threads);
+        finetune_report(
+            &t,
+            &pbmc,
+            "seurat_annotations",
+            &option_sets(v),
+            &probe,
+            threads,
+        );
     }
     println!("total {:.0}s", t0.elapsed().as_secs_f64());
 }
@@ -233,51 +249,67 @@ fn pca_baseline(m: &CellMatrix, threads: usize) -> Vec<f32> {
 /// The same over the genes of `only` (all of them that vary): the other genes' counts
 /// still count in each cell's library size.
 fn pca_over(m: &CellMatrix, only: Option<&[String]>, threads: usize) -> Vec<f32> {
-    let set: Option<std::collections::HashSet<&str>> =
-        only.map(|o| o.iter().map(|s| s.as_str()).collect());
     let opts = PcaOptions {
         threads,
         ..Default::default()
     };
-    // genes outside `only` summed into one pseudo-gene: `__rest` in the scan (selected,
-    // but absent from the second pass, so constant there and without variance)
-    let cell = |c: usize, rest: &'static str| {
-        let (g, x) = m.cell(c);
-        let mut names = Vec::new();
-        let mut counts = Vec::new();
-        let mut other = 0f32;
-        for (&i, &v) in g.iter().zip(x) {
-            let n = m.genes[i as usize].as_str();
-            if set.as_ref().is_none_or(|s| s.contains(n)) {
-                names.push(Some(n));
-                counts.push(Some(v));
-            } else {
-                other += v;
-            }
-        }
-        if other > 0.0 {
-            names.push(Some(rest));
-            counts.push(Some(other));
-        }
-        (names, counts)
-    };
-    let mut scan = GeneScan::new();
-    for c in 0..m.n_cells() {
-        let (g, x) = cell(c, "__rest");
-        scan.add_cell(&g, &x).unwrap();
-    }
-    let n_top = if only.is_some() {
-        usize::MAX / 4
-    } else {
-        opts.n_top_genes
-    };
-    let sel = scan.select(n_top).unwrap();
+    let sel = select_genes(m, only, opts.n_top_genes);
+    // every gene of the cell: those outside the selection count in its library size only
     let mut col = Collect::new(&sel, opts.max_value);
     for c in 0..m.n_cells() {
-        let (g, x) = cell(c, "__not_selected");
+        let (g, x) = named(m, c);
         col.add_cell(&g, &x).unwrap();
     }
     pca::fit(&col, &opts, &mut |_, _| Ok(())).unwrap().scores
+}
+
+/// Cell `c` of `m` as the core's readers take it: gene names and counts.
+fn named(m: &CellMatrix, c: usize) -> (Vec<Option<&str>>, Vec<Option<f32>>) {
+    let (g, x) = m.cell(c);
+    (
+        g.iter()
+            .map(|&i| Some(m.genes[i as usize].as_str()))
+            .collect(),
+        x.iter().map(|&v| Some(v)).collect(),
+    )
+}
+
+/// The baseline's gene selection and scaling: the `n_top` most variable genes, or every
+/// gene of `only` that varies (the scan then sees the other genes' counts summed into
+/// one pseudo-gene, `__rest`, so that library sizes stay whole; the second pass never
+/// gives it a value, so it is constant there and adds nothing to the components).
+fn select_genes(m: &CellMatrix, only: Option<&[String]>, n_top: usize) -> pca::Selection {
+    let set: Option<std::collections::HashSet<&str>> =
+        only.map(|o| o.iter().map(|s| s.as_str()).collect());
+    let mut scan = GeneScan::new();
+    for c in 0..m.n_cells() {
+        let (mut g, mut x) = named(m, c);
+        if let Some(set) = &set {
+            let rest: f32 = g
+                .iter()
+                .zip(&x)
+                .filter(|(n, _)| !set.contains(n.unwrap_or_default()))
+                .map(|(_, v)| v.unwrap_or(0.0))
+                .sum();
+            let (kg, kx): (Vec<_>, Vec<_>) = g
+                .into_iter()
+                .zip(x)
+                .filter(|(n, _)| set.contains(n.unwrap_or_default()))
+                .unzip();
+            (g, x) = (kg, kx);
+            if rest > 0.0 {
+                g.push(Some("__rest"));
+                x.push(Some(rest));
+            }
+        }
+        scan.add_cell(&g, &x).unwrap();
+    }
+    scan.select(if only.is_some() {
+        usize::MAX / 4
+    } else {
+        n_top
+    })
+    .unwrap()
 }
 
 /// Two datasets as one, over the union of their genes (no label columns; the second's
@@ -432,7 +464,7 @@ fn held_out(barcode: &str) -> bool {
 
 /// Logistic regression (`exceiver.linear_probe`'s defaults) on `x` (every cell of the
 /// dataset, `dim` columns), fit on the training cells and scored on the test cells.
-fn probe_line(what: &str, x: &[f32], dim: usize, split: &Labelled) {
+fn probe_line(what: &str, x: &[f32], dim: usize, split: &Labelled, probe: &ProbeOptions) {
     let rows = |cells: &[usize]| -> Vec<f32> {
         cells
             .iter()
@@ -444,7 +476,7 @@ fn probe_line(what: &str, x: &[f32], dim: usize, split: &Labelled) {
         dim,
         &split.y(&split.train),
         split.names.len(),
-        &ProbeOptions::default(),
+        probe,
     )
     .unwrap();
     let proba: Vec<f64> = split
@@ -504,11 +536,30 @@ impl Labelled {
 /// outside the held-out fifth (each options set of `runs` in turn; the session's own
 /// validation split among them drives early stopping), and score them on the held-out
 /// fifth beside logistic regression on PCA-50 and on the model's embedding.
-fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value], threads: usize) {
+fn finetune_report(
+    base: &Trained,
+    m: &CellMatrix,
+    column: &str,
+    runs: &[Value],
+    probe: &ProbeOptions,
+    threads: usize,
+) {
     let split = Labelled::new(m, column);
-    probe_line("logistic on PCA-50", &pca_baseline(m, threads), 50, &split);
+    probe_line(
+        "logistic on PCA-50",
+        &pca_baseline(m, threads),
+        50,
+        &split,
+        probe,
+    );
     let (x, g) = scaled_hvg(m);
-    probe_line("logistic on the scaled 2,000 variable genes", &x, g, &split);
+    probe_line(
+        "logistic on the scaled 2,000 variable genes",
+        &x,
+        g,
+        &split,
+        probe,
+    );
     let cells = model_cells(base, m);
     let input: Vec<(&[u32], &[f32])> = cells
         .iter()
@@ -522,7 +573,13 @@ fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value],
     .unwrap();
     let emb = model.embed_batch(&input, threads).unwrap();
     let dim = base.cfg.embedding_len();
-    probe_line("logistic on the pretrained embedding", &emb, dim, &split);
+    probe_line(
+        "logistic on the pretrained embedding",
+        &emb,
+        dim,
+        &split,
+        probe,
+    );
     // the training cells' labels only: the held-out fifth is unlabelled to the session
     let mut train_only = m.clone();
     let train_labels: Vec<Option<String>> = (0..m.n_cells())
@@ -593,41 +650,32 @@ fn finetune_report(base: &Trained, m: &CellMatrix, column: &str, runs: &[Value],
 }
 
 /// The input of the standard baseline's PCA, densely: every cell's 2,000 variable genes,
-/// log-normalised, scaled and clipped at ±10 as `pca_embed` does (`cells × g`), for
-/// logistic regression on the genes themselves.
+/// log-normalised (the core's `RawCell::log_norm`), scaled and clipped at ±10 as
+/// `pca_embed` does (`cells × g`), for logistic regression on the genes themselves.
 fn scaled_hvg(m: &CellMatrix) -> (Vec<f32>, usize) {
-    let mut scan = GeneScan::new();
-    for c in 0..m.n_cells() {
-        let (g, x) = m.cell(c);
-        let names: Vec<_> = g
-            .iter()
-            .map(|&i| Some(m.genes[i as usize].as_str()))
-            .collect();
-        let counts: Vec<_> = x.iter().map(|&v| Some(v)).collect();
-        scan.add_cell(&names, &counts).unwrap();
-    }
-    let sel = scan.select(2000).unwrap();
-    let idx: std::collections::HashMap<&str, usize> = sel
+    let sel = select_genes(m, None, PcaOptions::default().n_top_genes);
+    let idx: std::collections::HashMap<&str, u32> = sel
         .names
         .iter()
         .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
+        .map(|(i, n)| (n.as_str(), i as u32))
         .collect();
     let g = sel.names.len();
-    let mut out = vec![0f32; m.n_cells() * g];
+    let scaled = |j: usize, y: f64| ((y - sel.mean[j]) / sel.std[j]).clamp(-10.0, 10.0) as f32;
+    let mut out = Vec::with_capacity(m.n_cells() * g);
     for c in 0..m.n_cells() {
-        let (gi, x) = m.cell(c);
-        let total: f64 = x.iter().map(|&v| v as f64).sum();
-        let row = &mut out[c * g..(c + 1) * g];
-        for (j, r) in row.iter_mut().enumerate() {
-            *r = ((-sel.mean[j] / sel.std[j]).clamp(-10.0, 10.0)) as f32;
+        let (names, counts) = named(m, c);
+        let (cell, _) = RawCell::read(
+            |n| idx.get(n).copied(),
+            names.into_iter(),
+            counts.into_iter(),
+        )
+        .unwrap();
+        let mut row: Vec<f32> = (0..g).map(|j| scaled(j, 0.0)).collect();
+        for (&j, y) in cell.genes.iter().zip(cell.log_norm()) {
+            row[j as usize] = scaled(j as usize, y as f64);
         }
-        for (&i, &v) in gi.iter().zip(x) {
-            if let Some(&j) = idx.get(m.genes[i as usize].as_str()) {
-                let y = (v as f64 / total * 1e4).ln_1p();
-                row[j] = (((y - sel.mean[j]) / sel.std[j]).clamp(-10.0, 10.0)) as f32;
-            }
-        }
+        out.extend(row);
     }
     (out, g)
 }
