@@ -318,7 +318,7 @@ fn main() {
                 .collect();
             let fw: Vec<_> = views.iter().map(|x| enc.forward(x)).collect();
             let emb: Vec<f32> = fw.iter().flat_map(|(_, o)| o.iter().copied()).collect();
-            let (l, demb) = head.loss_grad(&emb, dim, 0.1).unwrap();
+            let (l, demb) = head.loss_grad(&emb, dim, 0.1, None).unwrap();
             for (i, x) in views.iter().enumerate() {
                 enc.backward(x, &fw[i].0, &demb[i * dim..(i + 1) * dim]);
             }

@@ -112,19 +112,24 @@ SELECT * FROM exceiver.train('x', 'kang_small', '{"lr_schedule": "linear"}'); \e
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_support": 64, "contrastive_head": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "contrastive_debias": 0.1, "contrastive_head": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"contrastive_debias": 0.5}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "reconstruct": 5, "contrastive_head": 0}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"reconstruct": 5}'); \echo :SQLSTATE
+SELECT * FROM exceiver.train('x', 'kang_small', '{"preset": "small", "reconstruct": 5, "reconstruct_rank": 0}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"profile_path": "yes"}'); \echo :SQLSTATE
 SELECT * FROM exceiver.train('x', 'kang_small', '{"parent": "tiny", "profile_path": true}'); \echo :SQLSTATE
 -- one value vector per gene ("per_gene"), a cosine learning-rate schedule,
--- nearest-neighbour positives, debiased negatives and the profile path: recorded in
--- the config and the options; the model embeds
+-- nearest-neighbour positives, debiased negatives, the profile decoder and the profile
+-- path: recorded in the config and the options; the model embeds
 SET client_min_messages = warning;
 SELECT model, epochs FROM exceiver.train('tiny_pg', 'kang_small', '{"preset": "small", "seq_dim": 8, "query_len": 16,
   "num_layers": 1, "dim_feedforward": 32, "epochs": 2, "batch_size": 32, "min_cells": 20, "value_embedding": "per_gene",
-  "lr_schedule": "cosine", "contrastive_support": 64, "contrastive_debias": 0.1, "profile_path": true}');
+  "lr_schedule": "cosine", "contrastive_support": 64, "contrastive_debias": 0.1, "profile_path": true,
+  "reconstruct": 5, "reconstruct_rank": 8}');
 RESET client_min_messages;
 SELECT config->>'value_embedding' AS value_embedding, config->>'value_per_gene' AS per_gene,
        metrics->'options'->>'lr_schedule' AS lr_schedule, metrics->'options'->>'contrastive_support' AS support,
-       metrics->'options'->>'contrastive_debias' AS debias, config->>'profile' AS profile
+       metrics->'options'->>'contrastive_debias' AS debias, config->>'profile' AS profile,
+       metrics->'options'->>'reconstruct' AS reconstruct, metrics->'options'->>'reconstruct_rank' AS rank
 FROM exceiver.model_catalog WHERE name = 'tiny_pg';
 SELECT count(*) AS embedded, min(vector_dims(exceiver.embed('tiny_pg', genes, counts))) AS dims
 FROM (SELECT * FROM pbmc3k ORDER BY cell_id LIMIT 5) p;

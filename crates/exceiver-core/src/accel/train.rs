@@ -252,7 +252,15 @@ impl DeviceTrainer {
             )?
             .emb
             .ok_or_else(|| Error::internal("the forward pass gave no embeddings"))?;
-        crate::train::contrastive_of(self.head.as_mut(), &emb, nd, tau, grad)
+        crate::train::contrastive_of(
+            self.head.as_mut(),
+            &emb,
+            nd,
+            tau,
+            grad,
+            views,
+            &self.zero_fill,
+        )
     }
 
     /// One Adam update from a backward pass's gradients (refused when not finite).

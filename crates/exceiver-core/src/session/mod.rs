@@ -36,8 +36,8 @@ use crate::model::rng::Rng;
 use crate::model::{AttentionMode, Config, Exceiver, Params};
 use crate::preprocess::{HvgFit, Scaler, ScalerFit};
 use crate::train::{
-    init_for_scratch_training, mask_positions, n_mask_for, ProjectionHead, Stepper, TrainCell,
-    TrainOpts,
+    init_for_scratch_training, mask_positions, n_mask_for, ProfileDecoder, ProjectionHead, Stepper,
+    TrainCell, TrainOpts,
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -375,9 +375,21 @@ pub fn check_memory(
     } else {
         0
     };
+    let decoder_rank = if head_hidden > 0 && o.reconstruct() > 0.0 {
+        o.reconstruct_rank
+    } else {
+        0
+    };
     let max_expressed = nnz.iter().copied().max().unwrap_or(0);
     crate::limits::check_bytes(
-        crate::train::memory_estimate(cfg, o.batch_size, threads, max_expressed, head_hidden),
+        crate::train::memory_estimate(
+            cfg,
+            o.batch_size,
+            threads,
+            max_expressed,
+            head_hidden,
+            decoder_rank,
+        ),
         &format!(
             "training \"{model}\" ({} parameters, batch {}, {threads} threads, up to {max_expressed} genes a cell)",
             cfg.approx_parameters(),
@@ -892,9 +904,19 @@ fn trainer_for(
     let mut trainer =
         crate::accel::stepper(cfg, params, data.scaler.zero_fill(), topts, task.device)?;
     if contrast > 0.0 && o.contrastive_head > 0 {
-        let head = ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?
-            .with_support(o.contrastive_support)
-            .with_debias(o.contrastive_debias)?;
+        let mut head =
+            ProjectionHead::new(emb_len, o.contrastive_head, CONTRASTIVE_HEAD_OUT, o.seed)?
+                .with_support(o.contrastive_support)
+                .with_debias(o.contrastive_debias)?;
+        if o.reconstruct() > 0.0 {
+            head = head.with_decoder(ProfileDecoder::new(
+                emb_len,
+                o.reconstruct_rank,
+                data.vocab.len(),
+                o.reconstruct(),
+                o.seed,
+            )?)?;
+        }
         trainer.set_projection_head(Some(head))?;
     }
     Ok(trainer)
@@ -1075,6 +1097,13 @@ fn start_line(
                 support += &format!(
                     "; debiased for {} same-type negatives",
                     o.contrastive_debias
+                );
+            }
+            if o.reconstruct() > 0.0 {
+                support += &format!(
+                    "; plus {} × the error of a rank-{} linear decoder from each view's embedding to the other view's standardised profile",
+                    o.reconstruct(),
+                    o.reconstruct_rank
                 );
             }
             format!(

@@ -4,8 +4,9 @@
 //! `h`): the loss can make `z` invariant to the views while `h` keeps what the head
 //! discards, which nearest-neighbour search over `h` needs.
 
+use super::decoder::ProfileDecoder;
 use super::ops::{lin_bwd, lin_fwd};
-use super::{nn_xent, nt_xent, nt_xent_debiased, unit_rows, TrainOpts};
+use super::{adam_flat, nn_xent, nt_xent, nt_xent_debiased, unit_rows, TrainOpts};
 use crate::error::{Error, Result};
 use crate::model::rng::Rng;
 
@@ -29,6 +30,8 @@ pub struct ProjectionHead {
     support_next: usize,
     /// Share of same-type negatives NT-Xent is debiased for in training (0: none).
     debias: f64,
+    /// The profile decoder whose loss joins NT-Xent's (option `reconstruct`).
+    decoder: Option<ProfileDecoder>,
 }
 
 impl ProjectionHead {
@@ -64,6 +67,7 @@ impl ProjectionHead {
             support_cap: 0,
             support_next: 0,
             debias: 0.0,
+            decoder: None,
         })
     }
 
@@ -89,6 +93,25 @@ impl ProjectionHead {
     pub fn with_support(mut self, rows: usize) -> ProjectionHead {
         self.support_cap = rows;
         self
+    }
+
+    /// Add the profile decoder's loss to NT-Xent's, in training and validation alike
+    /// (it reads the embedding `h`, not the projection).
+    pub fn with_decoder(mut self, decoder: ProfileDecoder) -> Result<ProjectionHead> {
+        if decoder.dims().0 != self.dim_in {
+            return Err(Error::invalid(format!(
+                "the profile decoder takes {}-float embeddings but the head takes {}",
+                decoder.dims().0,
+                self.dim_in
+            )));
+        }
+        self.decoder = Some(decoder);
+        Ok(self)
+    }
+
+    /// The profile decoder, if any.
+    pub fn decoder(&self) -> Option<&ProfileDecoder> {
+        self.decoder.as_ref()
     }
 
     /// Add a batch's projections (unit rows) to the support set, oldest out first.
@@ -155,16 +178,28 @@ impl ProjectionHead {
         (pre, act, z)
     }
 
-    /// NT-Xent ([`nt_xent`]) of the projected embeddings, without gradients.
-    pub fn loss(&self, emb: &[f32], dim: usize, tau: f64) -> Result<f64> {
+    /// NT-Xent ([`nt_xent`]) of the projected embeddings, plus the profile decoder's
+    /// loss on the views' profiles `prof` when there is a decoder; without gradients.
+    pub fn loss(&self, emb: &[f32], dim: usize, tau: f64, prof: Option<&[f32]>) -> Result<f64> {
         let rows = self.check(emb, dim)?;
         let (_, _, z) = self.forward(emb, rows);
-        Ok(nt_xent(&z, self.out, tau)?.0)
+        let rec = match (&self.decoder, prof) {
+            (Some(d), Some(p)) => d.loss(emb, dim, p)?,
+            _ => 0.0,
+        };
+        Ok(nt_xent(&z, self.out, tau)?.0 + rec)
     }
 
-    /// NT-Xent of the projected embeddings and its gradient with respect to `emb`;
-    /// the head's own gradients are kept for [`ProjectionHead::step`].
-    pub fn loss_grad(&mut self, emb: &[f32], dim: usize, tau: f64) -> Result<(f64, Vec<f32>)> {
+    /// NT-Xent of the projected embeddings (plus the profile decoder's loss, as in
+    /// [`ProjectionHead::loss`]) and its gradient with respect to `emb`; the head's
+    /// and the decoder's own gradients are kept for [`ProjectionHead::step`].
+    pub fn loss_grad(
+        &mut self,
+        emb: &[f32],
+        dim: usize,
+        tau: f64,
+        prof: Option<&[f32]>,
+    ) -> Result<(f64, Vec<f32>)> {
         let rows = self.check(emb, dim)?;
         let (pre, act, z) = self.forward(emb, rows);
         let (loss, dz) = if self.support_cap > 0 && self.support.len() >= rows * self.out {
@@ -195,26 +230,33 @@ impl ProjectionHead {
             let (gw1, gb1) = g1.split_at_mut(b1);
             let mut demb = vec![0.0f32; emb.len()];
             lin_bwd(&self.p[w1..b1], emb, &dact, d, h, Some(&mut demb), gw1, gb1);
+            if let (Some(dec), Some(p)) = (&mut self.decoder, prof) {
+                let (rl, rg) = dec.loss_grad(emb, dim, p)?;
+                demb.iter_mut().zip(&rg).for_each(|(a, b)| *a += b);
+                return Ok((loss + rl, demb));
+            }
             Ok((loss, demb))
         }
     }
 
     /// One Adam update (the model's `betas`, `eps` and coupled weight decay) at `lr`
     /// from the gradients of the last [`ProjectionHead::loss_grad`], scaled by `weight`
-    /// (the contrastive term's weight in the loss).
+    /// (the contrastive term's weight in the loss); the profile decoder, if any, takes
+    /// its step too.
     pub fn step(&mut self, lr: f64, weight: f64, opts: &TrainOpts) {
         self.t += 1;
-        let (b1, b2) = opts.betas;
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
-        let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, opts.weight_decay as f32, opts.eps);
-        for i in 0..self.p.len() {
-            let g = self.g[i] * weight as f32 + wd * self.p[i];
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g;
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g * g;
-            let mh = self.m[i] as f64 / c1;
-            let vh = self.v[i] as f64 / c2;
-            self.p[i] -= (lr * mh / (vh.sqrt() + eps)) as f32;
+        adam_flat(
+            &mut self.p,
+            &self.g,
+            &mut self.m,
+            &mut self.v,
+            self.t,
+            lr,
+            weight,
+            opts,
+        );
+        if let Some(d) = &mut self.decoder {
+            d.step(lr, weight, opts);
         }
     }
 }
@@ -229,15 +271,15 @@ mod tests {
         let mut rng = Rng::new(3);
         let emb: Vec<f32> = (0..rows * dim).map(|_| rng.normal() as f32).collect();
         let mut head = ProjectionHead::new(dim, 5, 4, 1).unwrap();
-        let (loss, grad) = head.loss_grad(&emb, dim, 0.5).unwrap();
-        assert!((loss - head.loss(&emb, dim, 0.5).unwrap()).abs() < 1e-9);
+        let (loss, grad) = head.loss_grad(&emb, dim, 0.5, None).unwrap();
+        assert!((loss - head.loss(&emb, dim, 0.5, None).unwrap()).abs() < 1e-9);
         let h = 1e-3;
         for k in 0..emb.len() {
             let mut e = emb.clone();
             e[k] += h;
-            let up = head.loss(&e, dim, 0.5).unwrap();
+            let up = head.loss(&e, dim, 0.5, None).unwrap();
             e[k] -= 2.0 * h;
-            let dn = head.loss(&e, dim, 0.5).unwrap();
+            let dn = head.loss(&e, dim, 0.5, None).unwrap();
             let fd = (up - dn) / (2.0 * h as f64);
             assert!(
                 (fd - grad[k] as f64).abs() < 2e-3,
@@ -249,17 +291,17 @@ mod tests {
         let g0 = head.g[head.offsets().2];
         let mut moved = head.clone();
         moved.p[head.offsets().2] += h;
-        let up = moved.loss(&emb, dim, 0.5).unwrap();
+        let up = moved.loss(&emb, dim, 0.5, None).unwrap();
         moved.p[head.offsets().2] -= 2.0 * h;
-        let dn = moved.loss(&emb, dim, 0.5).unwrap();
+        let dn = moved.loss(&emb, dim, 0.5, None).unwrap();
         assert!((((up - dn) / (2.0 * h as f64)) - g0 as f64).abs() < 2e-3);
         // a step lowers the loss, and a wrong width is an error
         for _ in 0..20 {
-            head.loss_grad(&emb, dim, 0.5).unwrap();
+            head.loss_grad(&emb, dim, 0.5, None).unwrap();
             head.step(1e-2, 1.0, &TrainOpts::default());
         }
-        assert!(head.loss(&emb, dim, 0.5).unwrap() < loss);
-        assert!(head.loss(&emb[..rows * 5], 5, 0.5).is_err());
+        assert!(head.loss(&emb, dim, 0.5, None).unwrap() < loss);
+        assert!(head.loss(&emb[..rows * 5], 5, 0.5, None).is_err());
         assert!(ProjectionHead::new(0, 5, 4, 1).is_err());
     }
 
@@ -271,14 +313,14 @@ mod tests {
         let mut rng = Rng::new(5);
         let emb: Vec<f32> = (0..rows * dim).map(|_| rng.normal() as f32).collect();
         let mut head = ProjectionHead::new(dim, 5, 4, 1).unwrap().with_support(12);
-        let (l0, _) = head.loss_grad(&emb, dim, 0.5).unwrap();
+        let (l0, _) = head.loss_grad(&emb, dim, 0.5, None).unwrap();
         assert_eq!(
             l0,
-            head.loss(&emb, dim, 0.5).unwrap(),
+            head.loss(&emb, dim, 0.5, None).unwrap(),
             "first step: NT-Xent"
         );
         assert_eq!(head.support.len(), rows * 4);
-        let (l1, g1) = head.loss_grad(&emb, dim, 0.5).unwrap();
+        let (l1, g1) = head.loss_grad(&emb, dim, 0.5, None).unwrap();
         let (_, _, z) = head.forward(&emb, rows);
         let (u, _) = unit_rows(&z, 4);
         let (nn, eg) = nn_xent(&z, 4, 0.5, &u).unwrap();
@@ -296,6 +338,54 @@ mod tests {
         assert_eq!(&head.support[..4 * 4], &u[4 * 4..]);
     }
 
+    /// With a profile decoder the loss is NT-Xent's plus the decoder's, and so is the
+    /// gradient with respect to the embeddings.
+    #[test]
+    fn decoder_loss_joins_nt_xent() {
+        let (dim, rows, genes) = (6, 8, 4);
+        let mut rng = Rng::new(9);
+        let emb: Vec<f32> = (0..rows * dim).map(|_| rng.normal() as f32).collect();
+        let views: Vec<super::super::TrainCell> = (0..rows)
+            .map(|i| super::super::TrainCell {
+                genes: vec![0, 1 + (i % 3) as u32],
+                values: vec![1.5 + i as f32 * 0.1, 2.0 + (i % 2) as f32],
+                mask: Vec::new(),
+                label: None,
+            })
+            .collect();
+        let zf = vec![1.0f32; genes];
+        let dec = ProfileDecoder::new(dim, 2, genes, 3.0, 5).unwrap();
+        assert!(ProjectionHead::new(dim + 1, 5, 4, 1)
+            .unwrap()
+            .with_decoder(dec.clone())
+            .is_err());
+        let mut head = ProjectionHead::new(dim, 5, 4, 1)
+            .unwrap()
+            .with_decoder(dec)
+            .unwrap();
+        let prof = head.decoder().unwrap().profiles(&views, &zf).unwrap();
+        let (loss, grad) = head.loss_grad(&emb, dim, 0.5, Some(&prof)).unwrap();
+        let (_, _, z) = head.forward(&emb, rows);
+        let parts = nt_xent(&z, 4, 0.5).unwrap().0
+            + head.decoder().unwrap().loss(&emb, dim, &prof).unwrap();
+        assert!((loss - parts).abs() < 1e-9);
+        assert!((head.loss(&emb, dim, 0.5, Some(&prof)).unwrap() - loss).abs() < 1e-9);
+        let h = 1e-3;
+        for k in 0..emb.len() {
+            let mut e = emb.clone();
+            e[k] += h;
+            let up = head.loss(&e, dim, 0.5, Some(&prof)).unwrap();
+            e[k] -= 2.0 * h;
+            let dn = head.loss(&e, dim, 0.5, Some(&prof)).unwrap();
+            let fd = (up - dn) / (2.0 * h as f64);
+            assert!(
+                (fd - grad[k] as f64).abs() < 3e-3,
+                "emb {k}: {fd} against {}",
+                grad[k]
+            );
+        }
+    }
+
     /// A debiased head trains on the debiased loss and validates on plain NT-Xent.
     #[test]
     fn debiased_head_trains_on_the_debiased_loss() {
@@ -306,11 +396,11 @@ mod tests {
         assert!(head.clone().with_debias(0.5).is_err());
         assert!(head.clone().with_debias(-0.1).is_err());
         let mut h = head.with_debias(0.2).unwrap();
-        let (l, _) = h.loss_grad(&emb, dim, 0.5).unwrap();
+        let (l, _) = h.loss_grad(&emb, dim, 0.5, None).unwrap();
         let (_, _, z) = h.forward(&emb, rows);
         assert_eq!(l, nt_xent_debiased(&z, 4, 0.5, 0.2).unwrap().0);
         assert_eq!(
-            h.loss(&emb, dim, 0.5).unwrap(),
+            h.loss(&emb, dim, 0.5, None).unwrap(),
             nt_xent(&z, 4, 0.5).unwrap().0
         );
     }

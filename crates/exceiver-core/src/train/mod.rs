@@ -22,8 +22,10 @@
 //! are split into contiguous chunks, one per thread, and per-thread gradients are
 //! summed in thread order. Worker threads run only this crate's arithmetic.
 
+mod decoder;
 pub mod grad;
 mod head;
+pub use decoder::ProfileDecoder;
 pub use head::ProjectionHead;
 pub mod kernels;
 pub mod ops;
@@ -445,7 +447,15 @@ impl Trainer {
             Some(&mut emb),
             None,
         )?;
-        contrastive_of(self.head.as_mut(), &emb, nd, tau, grad)
+        contrastive_of(
+            self.head.as_mut(),
+            &emb,
+            nd,
+            tau,
+            grad,
+            views,
+            &self.zero_fill,
+        )
     }
 
     /// One Adam update from the gradients in `states[0]`, refused (weights
@@ -623,19 +633,58 @@ pub fn loss_and_grads(
     Ok((stats, grads))
 }
 
-/// NT-Xent of embeddings `emb` (rows of `nd`), through `head` when given; the
-/// gradient with respect to `emb` only when `grad` (the head then keeps its own).
+/// NT-Xent of the embeddings `emb` (rows of `nd`) of `views`, through `head` when
+/// given, plus the head's profile decoder's loss when it has one (the views' profiles
+/// from their values and `zero_fill`); the gradient with respect to `emb` only when
+/// `grad` (the head then keeps its own).
 pub(crate) fn contrastive_of(
     head: Option<&mut ProjectionHead>,
     emb: &[f32],
     nd: usize,
     tau: f64,
     grad: bool,
+    views: &[TrainCell],
+    zero_fill: &[f32],
 ) -> Result<(f64, Vec<f32>)> {
-    match head {
-        Some(h) if grad => h.loss_grad(emb, nd, tau),
-        Some(h) => Ok((h.loss(emb, nd, tau)?, Vec::new())),
-        None => nt_xent(emb, nd, tau),
+    let Some(h) = head else {
+        return nt_xent(emb, nd, tau);
+    };
+    let prof = h
+        .decoder()
+        .map(|d| d.profiles(views, zero_fill))
+        .transpose()?;
+    if grad {
+        h.loss_grad(emb, nd, tau, prof.as_deref())
+    } else {
+        Ok((h.loss(emb, nd, tau, prof.as_deref())?, Vec::new()))
+    }
+}
+
+/// One Adam update of a flat parameter vector `p` (step `t`, from 1) from gradients
+/// `g` scaled by `weight`, with the model's `betas`, `eps` and coupled weight decay at
+/// `lr`: the projection head's and the profile decoder's optimiser.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adam_flat(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    t: u64,
+    lr: f64,
+    weight: f64,
+    opts: &TrainOpts,
+) {
+    let (b1, b2) = opts.betas;
+    let c1 = 1.0 - b1.powi(t as i32);
+    let c2 = 1.0 - b2.powi(t as i32);
+    let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, opts.weight_decay as f32, opts.eps);
+    for i in 0..p.len() {
+        let gi = g[i] * weight as f32 + wd * p[i];
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        let mh = m[i] as f64 / c1;
+        let vh = v[i] as f64 / c2;
+        p[i] -= (lr * mh / (vh.sqrt() + eps)) as f32;
     }
 }
 
@@ -987,7 +1036,8 @@ pub fn mask_positions(nnz: usize, n_mask: usize, rng: &mut Rng) -> Result<Vec<us
 /// allocates anything (`crate::limits::check_bytes`): the weights with their gradient
 /// and Adam's two moments, one gradient accumulator and one cell's activations per
 /// worker thread (`expressed`: the most expressed genes a cell may have), a projection
-/// head of `head_hidden` units with its optimiser state, and a batch of prepared cells.
+/// head of `head_hidden` units with its optimiser state, a profile decoder of rank
+/// `decoder_rank` (0: none) with its dense batch buffers, and a batch of prepared cells.
 /// An estimate within a small factor, not an accounting.
 pub fn memory_estimate(
     cfg: &Config,
@@ -995,6 +1045,7 @@ pub fn memory_estimate(
     threads: usize,
     expressed: usize,
     head_hidden: usize,
+    decoder_rank: usize,
 ) -> u128 {
     let (d, ff, q) = (
         cfg.seq_dim as u128,
@@ -1007,7 +1058,16 @@ pub fn memory_estimate(
     let per_cell = e * d * 8 + q * (2 * ff + 16 * d) * (cfg.num_layers as u128 + 2);
     let head = (q * d * head_hidden as u128 + head_hidden as u128 * 128) * 4;
     let cells = batch as u128 * 2 * e * 3;
-    4 * (params * (4 + t) + t * per_cell + head + cells)
+    // the profile decoder: its weights with gradient and moments, and four dense
+    // [2·batch, G] buffers (profiles, targets, prediction, its gradient)
+    let r = decoder_rank as u128;
+    let g = cfg.seq_len as u128;
+    let decoder = if r > 0 {
+        4 * r * (q * d + g) + 4 * batch as u128 * 2 * g
+    } else {
+        0
+    };
+    4 * (params * (4 + t) + t * per_cell + head + cells + decoder)
 }
 
 #[cfg(test)]
