@@ -10,7 +10,7 @@
 //! Like the projection head it exists only in training.
 
 use super::ops::{lin_bwd, lin_fwd};
-use super::{adam_flat, TrainCell, TrainOpts};
+use super::{FlatAdam, TrainCell, TrainOpts};
 use crate::error::{Error, Result};
 use crate::model::rng::Rng;
 
@@ -29,9 +29,7 @@ pub struct ProfileDecoder {
     /// W1, b1, W2, b2, flat.
     p: Vec<f32>,
     g: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: u64,
+    adam: FlatAdam,
     /// Per-gene sum and sum of squares of the profiles seen in training, and their count.
     sum: Vec<f64>,
     sumsq: Vec<f64>,
@@ -75,10 +73,8 @@ impl ProfileDecoder {
             genes,
             weight,
             g: vec![0.0; n],
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            adam: FlatAdam::new(n),
             p,
-            t: 0,
             sum: vec![0.0; genes],
             sumsq: vec![0.0; genes],
             n: 0.0,
@@ -248,17 +244,7 @@ impl ProfileDecoder {
     /// One Adam update from the last [`ProfileDecoder::loss_grad`]'s gradients, scaled
     /// by `weight` (the contrastive term's weight in the loss).
     pub fn step(&mut self, lr: f64, weight: f64, opts: &TrainOpts) {
-        self.t += 1;
-        adam_flat(
-            &mut self.p,
-            &self.g,
-            &mut self.m,
-            &mut self.v,
-            self.t,
-            lr,
-            weight,
-            opts,
-        );
+        self.adam.step(&mut self.p, &self.g, lr, weight, opts);
     }
 }
 

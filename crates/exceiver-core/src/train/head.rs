@@ -6,7 +6,7 @@
 
 use super::decoder::ProfileDecoder;
 use super::ops::{lin_bwd, lin_fwd};
-use super::{adam_flat, nn_xent, nt_xent, nt_xent_debiased, unit_rows, TrainOpts};
+use super::{nn_xent, nt_xent, nt_xent_debiased, unit_rows, FlatAdam, TrainOpts};
 use crate::error::{Error, Result};
 use crate::model::rng::Rng;
 
@@ -20,9 +20,7 @@ pub struct ProjectionHead {
     p: Vec<f32>,
     /// Gradients of the last [`ProjectionHead::loss_grad`], same layout.
     g: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: u64,
+    adam: FlatAdam,
     /// NNCLR's support set: unit rows of earlier batches' projections, a ring of at
     /// most `support_cap` rows (0: plain NT-Xent); `support_next` is the next to replace.
     support: Vec<f64>,
@@ -59,10 +57,8 @@ impl ProjectionHead {
             hidden,
             out,
             g: vec![0.0; n],
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            adam: FlatAdam::new(n),
             p,
-            t: 0,
             support: Vec::new(),
             support_cap: 0,
             support_next: 0,
@@ -244,17 +240,7 @@ impl ProjectionHead {
     /// (the contrastive term's weight in the loss); the profile decoder, if any, takes
     /// its step too.
     pub fn step(&mut self, lr: f64, weight: f64, opts: &TrainOpts) {
-        self.t += 1;
-        adam_flat(
-            &mut self.p,
-            &self.g,
-            &mut self.m,
-            &mut self.v,
-            self.t,
-            lr,
-            weight,
-            opts,
-        );
+        self.adam.step(&mut self.p, &self.g, lr, weight, opts);
         if let Some(d) = &mut self.decoder {
             d.step(lr, weight, opts);
         }

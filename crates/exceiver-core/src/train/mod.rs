@@ -660,31 +660,48 @@ pub(crate) fn contrastive_of(
     }
 }
 
-/// One Adam update of a flat parameter vector `p` (step `t`, from 1) from gradients
-/// `g` scaled by `weight`, with the model's `betas`, `eps` and coupled weight decay at
-/// `lr`: the projection head's and the profile decoder's optimiser.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn adam_flat(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+/// Adam's moments and step count for a flat parameter vector: the projection head's
+/// and the profile decoder's optimiser (the model's `betas`, `eps` and coupled weight
+/// decay; bias correction in f64, as the head always computed it, so that its runs
+/// stay as pinned rather than switching to [`AdamStep`]'s f32 constants).
+#[derive(Debug, Clone)]
+pub(crate) struct FlatAdam {
+    m: Vec<f32>,
+    v: Vec<f32>,
     t: u64,
-    lr: f64,
-    weight: f64,
-    opts: &TrainOpts,
-) {
-    let (b1, b2) = opts.betas;
-    let c1 = 1.0 - b1.powi(t as i32);
-    let c2 = 1.0 - b2.powi(t as i32);
-    let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, opts.weight_decay as f32, opts.eps);
-    for i in 0..p.len() {
-        let gi = g[i] * weight as f32 + wd * p[i];
-        m[i] = b1 * m[i] + (1.0 - b1) * gi;
-        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-        let mh = m[i] as f64 / c1;
-        let vh = v[i] as f64 / c2;
-        p[i] -= (lr * mh / (vh.sqrt() + eps)) as f32;
+}
+
+impl FlatAdam {
+    pub(crate) fn new(n: usize) -> FlatAdam {
+        FlatAdam {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
+    }
+
+    /// One update of `p` at `lr` from gradients `g` scaled by `weight`.
+    pub(crate) fn step(
+        &mut self,
+        p: &mut [f32],
+        g: &[f32],
+        lr: f64,
+        weight: f64,
+        opts: &TrainOpts,
+    ) {
+        self.t += 1;
+        let (b1, b2) = opts.betas;
+        let c1 = 1.0 - b1.powi(self.t as i32);
+        let c2 = 1.0 - b2.powi(self.t as i32);
+        let (b1, b2, wd, eps) = (b1 as f32, b2 as f32, opts.weight_decay as f32, opts.eps);
+        for i in 0..p.len() {
+            let gi = g[i] * weight as f32 + wd * p[i];
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * gi;
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * gi * gi;
+            let mh = self.m[i] as f64 / c1;
+            let vh = self.v[i] as f64 / c2;
+            p[i] -= (lr * mh / (vh.sqrt() + eps)) as f32;
+        }
     }
 }
 
